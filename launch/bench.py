@@ -1,0 +1,40 @@
+"""Benchmarks: `python launch/bench.py SUITE [options]`.
+
+Each suite lives in `launch/bench_<suite>.py` with `add_arguments(parser)` and `run(args) -> dict`.
+A suite prints its figures as it goes (medians, and ratios against a baseline measured in the same
+run); the last line printed here is one JSON object with everything, for scripts to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SUITES = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+
+
+def load_suite(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name in SUITES:
+        suite = load_suite(name)
+        suite.add_arguments(sub.add_parser(name, help=(suite.__doc__ or "").strip().splitlines()[0]))
+    args = parser.parse_args(argv)
+    figures = load_suite(args.suite).run(args)
+    print(json.dumps({"suite": args.suite, **figures}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""xmc-pipeline: scale-out training for extreme classification."""

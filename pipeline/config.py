@@ -1,0 +1,185 @@
+"""Run configuration: one JSON file, typed and validated before any process group starts.
+
+Sections: `data`, `model`, `parallel`, `deepspeed`, `train`. Every model forbids unknown keys, so a
+typo is an error rather than a silently ignored setting. `--set a.b=value` overrides a key from the
+command line (the value is read as JSON when it parses, as a string otherwise). The `deepspeed`
+section is either an inline DeepSpeed config or the path of a DeepSpeed JSON file (relative paths
+are resolved against the run config's folder). Errors are raised as `ConfigError`, one line each,
+naming the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message is one line naming the key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticData(Section):
+    """Shape of the synthetic set generated when the data paths are absent."""
+
+    num_train: int = Field(20_000, ge=1)
+    num_test: int = Field(2_000, ge=1)
+    num_features: int = Field(20_000, ge=1)
+    num_labels: int = Field(10_000, ge=1)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    train: str = Field("data/demo/train", description="folder with manifest.json and shards, or a shard URL")
+    test: str = Field("data/demo/test", description="folder with manifest.json and shards, or a shard URL")
+    synthetic: SyntheticData | None = Field(
+        default_factory=SyntheticData, description="generate this synthetic set if the train data is absent"
+    )
+    batch_size: int = Field(256, ge=1, description="samples per rank per step")
+    num_workers: int = Field(1, ge=0)
+    shuffle_buffer: int = Field(2_000, ge=0)
+    bad_samples: Literal["error", "skip"] = "error"
+
+
+class FFIConfig(Section):
+    hidden: int = Field(4096, ge=1, description="width H of the dense intermediate layer")
+    fan_in: int = Field(32, ge=1, description="connections K of every output")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    rewire_every: int = Field(0, ge=0, description="steps between rewirings; 0 disables")
+    rewire_fraction: float = Field(0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fan_in_fits(self) -> FFIConfig:
+        if self.fan_in > self.hidden:
+            raise ValueError(f"fan_in={self.fan_in} must not exceed hidden={self.hidden}")
+        return self
+
+
+class RPConfig(Section):
+    dim: int = Field(64, ge=1, description="projected dimension k (k << embed_dim)")
+    seed: int = 1234
+    recovery_lambda: float = Field(1e-4, gt=0.0)
+    finetune_steps: int = Field(0, ge=0)
+
+
+class ModelConfig(Section):
+    backbone: Literal["bow", "dense"] = "bow"
+    embed_dim: int = Field(256, ge=1)
+    hidden_dims: list[int] = Field(default_factory=lambda: [512])
+    head: Literal["dense", "ffi", "rp"] = "dense"
+    loss: Literal["softmax", "bce", "squared_hinge"] = "softmax"
+    ffi: FFIConfig = Field(default_factory=FFIConfig)
+    rp: RPConfig = Field(default_factory=RPConfig)
+
+
+class ParallelConfig(Section):
+    model_parallel: int = Field(1, ge=1, description="ranks that split the label range; divides world size")
+    compression: Literal["none", "fp16", "bf16", "topk"] = "none"
+    topk_fraction: float = Field(0.01, gt=0.0, le=1.0)
+    sync_every: int = Field(1, ge=1, description="average head parameters every N steps (local SGD if > 1)")
+
+
+class TrainConfig(Section):
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    steps: int = Field(200, ge=0)
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="0: evaluate at the end only")
+    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint at the end only")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="abort after this many NaN/Inf losses in a row")
+
+
+class RunConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    deepspeed: dict[str, Any] | str = Field(
+        default_factory=lambda: {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},
+        description="inline DeepSpeed config, or the path of a DeepSpeed JSON file",
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{path}: expected one of {expected}, got {error['input']!r}"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    return f"{path or '<root>'}: {msg}" + (f", got {error['input']!r}" if kind != "value_error" else "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (["a", "b"], value); the value is JSON if it parses, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set raw[path] = value, creating intermediate sections; unknown keys are caught by validation."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section (in --set)")
+        node = child
+    node[path[-1]] = value
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{what}: file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read, override, validate; resolve the DeepSpeed section to an inline dict."""
+    base = Path(path).resolve().parent if path else Path.cwd()
+    raw = _load_json(Path(path), "--config") if path else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a JSON object, got {type(raw).__name__}")
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors()[0])) from e
+    if isinstance(config.deepspeed, str):
+        ds_path = Path(config.deepspeed)
+        ds_path = ds_path if ds_path.is_absolute() else base / ds_path
+        ds = _load_json(ds_path, "deepspeed")
+        if not isinstance(ds, dict):
+            raise ConfigError(f"deepspeed: {ds_path} must hold a JSON object")
+        config.deepspeed = ds
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (DeepSpeed section inlined) so a run can be reproduced from its outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(config.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)

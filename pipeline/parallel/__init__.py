@@ -1,0 +1,1 @@
+"""Process layout: the dp x mp grid, distributed start-up, and Horovod."""

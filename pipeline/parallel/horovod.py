@@ -1,0 +1,106 @@
+"""Bring Horovod up next to torch.distributed, with the same ranks, under either launcher.
+
+Under `mpirun` Horovod uses its MPI controller. Under the `deepspeed` launcher there is no MPI and no
+`horovodrun`, so we do what `horovodrun --gloo` would do: rank 0 starts Horovod's HTTP rendezvous
+server with a host plan built from torch.distributed's ranks, and every rank sets the HOROVOD_*
+variables of its slot before `hvd.init()`. Ranks must be contiguous per host, which both launchers
+guarantee; we check rank and size agree afterwards.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+import torch.distributed as dist
+
+_rendezvous_server = None  # rank 0 keeps Horovod's rendezvous server alive for the whole run
+
+
+def _host_plan(hosts: list[str]) -> str:
+    """'host:slots,...' in rank order; raises if a host's ranks are not contiguous."""
+    order: list[str] = []
+    for h in hosts:
+        if not order or order[-1] != h:
+            if h in order:
+                raise RuntimeError(f"ranks of host {h} are not contiguous ({hosts}); Horovod needs them to be")
+            order.append(h)
+    return ",".join(f"{h}:{hosts.count(h)}" for h in order)
+
+
+def _gloo_iface(rendezvous_addr: str, single_host: bool) -> str:
+    """The network interface that reaches the rendezvous address ('lo' on a single host)."""
+    if "HOROVOD_GLOO_IFACE" in os.environ:
+        return os.environ["HOROVOD_GLOO_IFACE"]
+    if single_host:
+        return "lo"
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(rendezvous_addr), 1))  # UDP connect sends nothing
+        local_ip = ipaddress.ip_address(s.getsockname()[0])
+    for iface, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and ipaddress.ip_address(a.address) == local_ip for a in addrs):
+            return iface
+    raise RuntimeError(f"no network interface holds {local_ip}; set HOROVOD_GLOO_IFACE")
+
+
+def _gloo_rendezvous() -> None:
+    global _rendezvous_server
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    hosts: list[str] = [""] * size
+    dist.all_gather_object(hosts, socket.gethostname())
+    plan = get_host_assignments(parse_hosts(_host_plan(hosts)), size)
+    port = [None]
+    if rank == 0:
+        from horovod.runner.http.http_server import RendezvousServer
+
+        _rendezvous_server = RendezvousServer()
+        port[0] = _rendezvous_server.start()
+        _rendezvous_server.init(plan)
+    dist.broadcast_object_list(port, src=0)
+    slot = plan[rank]
+    single_host = len(set(hosts)) == 1
+    addr = "127.0.0.1" if single_host else os.environ["MASTER_ADDR"]
+    os.environ.update(
+        HOROVOD_GLOO_RENDEZVOUS_ADDR=addr,
+        HOROVOD_GLOO_RENDEZVOUS_PORT=str(port[0]),
+        HOROVOD_CONTROLLER="gloo",
+        HOROVOD_CPU_OPERATIONS="gloo",
+        HOROVOD_GLOO_IFACE=_gloo_iface(addr, single_host),
+        HOROVOD_HOSTNAME=slot.hostname,
+        HOROVOD_RANK=str(slot.rank),
+        HOROVOD_SIZE=str(slot.size),
+        HOROVOD_LOCAL_RANK=str(slot.local_rank),
+        HOROVOD_LOCAL_SIZE=str(slot.local_size),
+        HOROVOD_CROSS_RANK=str(slot.cross_rank),
+        HOROVOD_CROSS_SIZE=str(slot.cross_size),
+    )
+
+
+def init_horovod(launcher: str) -> str:
+    """Initialise Horovod for this launcher; returns the controller in use ('mpi' or 'gloo')."""
+    import horovod.torch as hvd
+
+    if launcher != "mpi":
+        _gloo_rendezvous()
+    hvd.init()
+    if (hvd.rank(), hvd.size()) != (dist.get_rank(), dist.get_world_size()):
+        raise RuntimeError(
+            f"Horovod rank/size {hvd.rank()}/{hvd.size()} disagree with torch.distributed "
+            f"{dist.get_rank()}/{dist.get_world_size()}"
+        )
+    return "mpi" if hvd.mpi_enabled() else "gloo"
+
+
+def shutdown_horovod() -> None:
+    global _rendezvous_server
+    import horovod.torch as hvd
+
+    hvd.shutdown()
+    if _rendezvous_server is not None:
+        _rendezvous_server.stop()
+        _rendezvous_server = None

@@ -1,0 +1,60 @@
+"""A start-up check that every communication path this job relies on really works.
+
+Run once on every rank after start-up: a torch.distributed allreduce over the world and over each
+grid group, and a Horovod allreduce with fp16 compression. Inputs are small integers and halves,
+exactly representable in fp16, so every expected result is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.parallel.grid import ProcessGrid
+
+
+class SelfCheckError(RuntimeError):
+    pass
+
+
+def _expect(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if not torch.equal(got, want):
+        raise SelfCheckError(f"self-check {name}: got {got.tolist()}, expected {want.tolist()}")
+
+
+def run_self_check(grid: ProcessGrid) -> dict[str, Any]:
+    import horovod.torch as hvd
+
+    rank, world = grid.rank, grid.world_size
+    x = torch.tensor([rank + 1.0, 2.0 * rank])
+    dist.all_reduce(x)
+    _expect("torch allreduce (world)", x, torch.tensor([world * (world + 1) / 2, float(world * (world - 1))]))
+
+    mp_ranks = grid.layout.mp_group_ranks(grid.dp_rank)
+    y = torch.tensor([float(rank)])
+    dist.all_reduce(y, group=grid.mp_group)
+    _expect("torch allreduce (model-parallel group)", y, torch.tensor([float(sum(mp_ranks))]))
+
+    dp_ranks = grid.layout.dp_group_ranks(grid.mp_rank)
+    z = torch.tensor([float(rank)])
+    dist.all_reduce(z, group=grid.dp_group)
+    _expect("torch allreduce (data-parallel group)", z, torch.tensor([float(sum(dp_ranks))]))
+
+    h = torch.tensor([rank + 0.5, -2.0 * rank, 1024.0])
+    avg = hvd.allreduce(h, name="selfcheck.fp16", op=hvd.Average, compression=hvd.Compression.fp16)
+    _expect("horovod allreduce (fp16)", avg, torch.tensor([world / 2.0, -(world - 1.0), 1024.0]))
+
+    return {
+        "rank": rank,
+        "world_size": world,
+        "horovod_rank": hvd.rank(),
+        "horovod_size": hvd.size(),
+        "dp": grid.dp,
+        "mp": grid.mp,
+        "dp_rank": grid.dp_rank,
+        "mp_rank": grid.mp_rank,
+        "torch_allreduce": x.tolist(),
+        "horovod_allreduce_fp16": avg.tolist(),
+    }
