@@ -151,7 +151,9 @@ def _load_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{what}: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+        raise ConfigError(
+            f"{what}: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from e
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,21 @@ def write(tmp_path: Path, obj: object, name: str = "run.json") -> Path:
         ({"model": {"hed": "dense"}}, [], "model.hed: unknown key"),
         ({"trian": {}}, [], "trian: unknown key"),
         ({"data": {"batch_size": "big"}}, [], "data.batch_size: Input should be a valid integer"),
-        ({"parallel": {"model_parallel": 0}}, [], "parallel.model_parallel: Input should be greater than or equal to 1"),
-        ({"model": {"head": "sparse"}}, [], "model.head: expected one of 'dense', 'ffi' or 'rp', got 'sparse'"),
-        ({"model": {"ffi": {"hidden": 16, "fan_in": 32}}}, [], "model.ffi: fan_in=32 must not exceed hidden=16"),
+        (
+            {"parallel": {"model_parallel": 0}},
+            [],
+            "parallel.model_parallel: Input should be greater than or equal to 1",
+        ),
+        (
+            {"model": {"head": "sparse"}},
+            [],
+            "model.head: expected one of 'dense', 'ffi' or 'rp', got 'sparse'",
+        ),
+        (
+            {"model": {"ffi": {"hidden": 16, "fan_in": 32}}},
+            [],
+            "model.ffi: fan_in=32 must not exceed hidden=16",
+        ),
         ({}, ["model.loss=hinge"], "model.loss: expected one of 'softmax', 'bce' or 'squared_hinge'"),
         ({}, ["train.stepz=3"], "train.stepz: unknown key"),
         ({}, ["train.lr=-1"], "train.lr: Input should be greater than 0"),
@@ -57,7 +70,12 @@ def test_overrides_and_deepspeed_path_resolve(tmp_path):
     write(tmp_path / "ds", {"zero_optimization": {"stage": 2}}, "z2.json")
     cfg = load_config(
         write(tmp_path, {"deepspeed": "ds/z2.json", "model": {"head": "ffi"}}),
-        ["parallel.model_parallel=2", "train.output_dir=out/x", "model.hidden_dims=[64, 32]", "model.ffi.fan_in=8"],
+        [
+            "parallel.model_parallel=2",
+            "train.output_dir=out/x",
+            "model.hidden_dims=[64, 32]",
+            "model.ffi.fan_in=8",
+        ],
     )
     assert cfg.deepspeed == {"zero_optimization": {"stage": 2}}
     assert (cfg.parallel.model_parallel, cfg.train.output_dir) == (2, "out/x")
@@ -89,7 +107,10 @@ def test_shipped_configs_are_valid():
 def test_train_cli_exits_2_before_startup(tmp_path, raw, extra, message):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(write(tmp_path, raw)), *extra],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -99,9 +120,19 @@ def test_train_cli_exits_2_before_startup(tmp_path, raw, extra, message):
 
 def test_model_parallel_must_divide_world(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(write(tmp_path, {})),
-         "--set", "parallel.model_parallel=3"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**__import__("os").environ, "WORLD_SIZE": "4"},
+        [
+            sys.executable,
+            str(ROOT / "launch" / "train.py"),
+            "--config",
+            str(write(tmp_path, {})),
+            "--set",
+            "parallel.model_parallel=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "WORLD_SIZE": "4"},
     )
     assert proc.returncode == 2
     assert "parallel.model_parallel=3 must be >= 1 and divide the world size 4" in proc.stderr

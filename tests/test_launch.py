@@ -20,8 +20,11 @@ from tests.multiproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
-MPIRUN_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                   "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+MPIRUN_ROOT_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+}
 
 
 def launch_command(launcher: str, nranks: int) -> list[str]:
@@ -31,8 +34,14 @@ def launch_command(launcher: str, nranks: int) -> list[str]:
 
 
 def run_job(launcher: str, nranks: int, out: Path, *sets: str, env: dict | None = None, timeout: float = 240):
-    cmd = [*launch_command(launcher, nranks), "--config", str(ROOT / "configs" / "demo.json"),
-           "--set", f"train.output_dir={out}", *(a for s in sets for a in ("--set", s))]
+    cmd = [
+        *launch_command(launcher, nranks),
+        "--config",
+        str(ROOT / "configs" / "demo.json"),
+        "--set",
+        f"train.output_dir={out}",
+        *(a for s in sets for a in ("--set", s)),
+    ]
     env = {**os.environ, **MPIRUN_ROOT_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent)
@@ -62,7 +71,9 @@ def test_two_ranks_agree_and_allreduce_exactly(tmp_path, launcher, controller, m
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
 @pytest.mark.parametrize("kind", ["raise", "kill"])
 def test_failing_rank_ends_the_job(tmp_path, launcher, kind):
-    proc, elapsed = run_job(launcher, 2, tmp_path / "run", env={"XMC_FAULT_RANK": "1", "XMC_FAULT_KIND": kind})
+    proc, elapsed = run_job(
+        launcher, 2, tmp_path / "run", env={"XMC_FAULT_RANK": "1", "XMC_FAULT_KIND": kind}
+    )
     assert proc.returncode != 0
     assert elapsed < 60, f"job took {elapsed:.0f}s to end after a rank failed"
     output = proc.stdout + proc.stderr

@@ -69,7 +69,9 @@ def _mpi_rendezvous() -> None:
     else:
         addr = port = None
     addr, port = comm.bcast((addr, port), root=0)
-    local_rank = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK") or str(hosts[: comm.rank].count(hosts[comm.rank]))
+    local_rank = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK") or str(
+        hosts[: comm.rank].count(hosts[comm.rank])
+    )
     os.environ.update(
         RANK=str(comm.rank),
         WORLD_SIZE=str(comm.size),
@@ -100,4 +102,6 @@ def init_distributed(timeout_s: float = 300.0) -> LaunchInfo:
         hosts: list[str] = [""] * dist.get_world_size()
         dist.all_gather_object(hosts, socket.gethostname())
         local_size = hosts.count(socket.gethostname())
-    return LaunchInfo(launcher, dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), local_size)
+    return LaunchInfo(
+        launcher, dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), local_size
+    )

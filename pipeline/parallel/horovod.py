@@ -24,7 +24,9 @@ def _host_plan(hosts: list[str]) -> str:
     for h in hosts:
         if not order or order[-1] != h:
             if h in order:
-                raise RuntimeError(f"ranks of host {h} are not contiguous ({hosts}); Horovod needs them to be")
+                raise RuntimeError(
+                    f"ranks of host {h} are not contiguous ({hosts}); Horovod needs them to be"
+                )
             order.append(h)
     return ",".join(f"{h}:{hosts.count(h)}" for h in order)
 
