@@ -59,7 +59,7 @@ def maybe_inject_fault(rank: int) -> None:
 def run(config: RunConfig) -> None:
     launch = init_distributed()
     grid = build_grid(config.parallel.model_parallel)
-    controller = init_horovod(launch.launcher)
+    controller = init_horovod(launch.launcher, grid.layout)
     out = Path(config.train.output_dir)
     if grid.rank == 0:
         save_config(config, out / "config.json")

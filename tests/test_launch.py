@@ -2,57 +2,32 @@
 
 `deepspeed` (local CPU ranks, Horovod over a Gloo rendezvous) and `mpirun` (Horovod over MPI) each
 start 2 ranks that run the start-up self-check: a torch.distributed allreduce over the world and the
-grid groups and a Horovod fp16-compressed allreduce, all with exact expected results.
+grid groups and Horovod fp16-compressed allreduces, all with exact expected results.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.multiproc import free_port
+from tests.launchers import ROOT, run_launched
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "launch" / "train.py")
-MPIRUN_ROOT_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-}
+TRAIN = ROOT / "launch" / "train.py"
 
 
-def launch_command(launcher: str, nranks: int) -> list[str]:
-    if launcher == "deepspeed":
-        return ["deepspeed", "--num_gpus", str(nranks), "--master_port", str(free_port()), TRAIN]
-    return ["mpirun", "-np", str(nranks), "--bind-to", "none", sys.executable, TRAIN]
-
-
-def run_job(launcher: str, nranks: int, out: Path, *sets: str, env: dict | None = None, timeout: float = 240):
-    cmd = [
-        *launch_command(launcher, nranks),
-        "--config",
-        str(ROOT / "configs" / "demo.json"),
-        "--set",
-        f"train.output_dir={out}",
-        *(a for s in sets for a in ("--set", s)),
-    ]
-    env = {**os.environ, **MPIRUN_ROOT_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent)
-    return proc, time.monotonic() - start
+def run_train(launcher: str, nranks: int, out: Path, *sets: str, env: dict | None = None):
+    args = ["--config", str(ROOT / "configs" / "demo.json"), "--set", f"train.output_dir={out}"]
+    args += [a for s in sets for a in ("--set", s)]
+    return run_launched(launcher, nranks, TRAIN, args, cwd=out.parent, env=env)
 
 
 @pytest.mark.parametrize("launcher, controller", [("deepspeed", "gloo"), ("mpirun", "mpi")])
 @pytest.mark.parametrize("mp", [1, 2])
 def test_two_ranks_agree_and_allreduce_exactly(tmp_path, launcher, controller, mp):
     out = tmp_path / "run"
-    proc, _ = run_job(launcher, 2, out, f"parallel.model_parallel={mp}")
+    proc, _ = run_train(launcher, 2, out, f"parallel.model_parallel={mp}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"self-check ok: 2 ranks ({2 // mp} dp x {mp} mp)" in proc.stdout
     reports = [json.loads((out / "selfcheck" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -63,6 +38,7 @@ def test_two_ranks_agree_and_allreduce_exactly(tmp_path, launcher, controller, m
         assert rep["launcher"] == ("mpi" if launcher == "mpirun" else "deepspeed")
         assert rep["torch_allreduce"] == [3.0, 2.0]
         assert rep["horovod_allreduce_fp16"] == [1.0, -1.0, 1024.0]
+        assert rep["horovod_dp_allreduce"] == [float(2 // mp)]
         assert (rep["mp_rank"], rep["dp_rank"]) == ((r % mp), (r // mp))
     saved = json.loads((out / "config.json").read_text())
     assert saved["parallel"]["model_parallel"] == mp and saved["train"]["output_dir"] == str(out)
@@ -71,12 +47,15 @@ def test_two_ranks_agree_and_allreduce_exactly(tmp_path, launcher, controller, m
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
 @pytest.mark.parametrize("kind", ["raise", "kill"])
 def test_failing_rank_ends_the_job(tmp_path, launcher, kind):
-    proc, elapsed = run_job(
-        launcher, 2, tmp_path / "run", env={"XMC_FAULT_RANK": "1", "XMC_FAULT_KIND": kind}
-    )
+    env = {"XMC_FAULT_RANK": "1", "XMC_FAULT_KIND": kind}
+    proc, elapsed = run_train(launcher, 2, tmp_path / "run", env=env)
     assert proc.returncode != 0
     assert elapsed < 60, f"job took {elapsed:.0f}s to end after a rank failed"
     output = proc.stdout + proc.stderr
     if kind == "raise":
         assert "[rank 1] failed: RuntimeError: injected fault" in output, output[-3000:]
+    elif launcher == "mpirun":
+        assert "process rank 1" in output and "signal 9" in output, output[-3000:]
+    else:
+        assert "--local_rank=1" in output and "exits with return code" in output, output[-3000:]
     assert not (tmp_path / "run" / "selfcheck" / "rank0.json").exists()

@@ -15,7 +15,10 @@ import socket
 
 import torch.distributed as dist
 
+from pipeline.parallel.grid import Layout
+
 _rendezvous_server = None  # rank 0 keeps Horovod's rendezvous server alive for the whole run
+_dp_process_set = None  # Horovod's process set of this rank's data-parallel group
 
 
 def _host_plan(hosts: list[str]) -> str:
@@ -83,13 +86,24 @@ def _gloo_rendezvous() -> None:
     )
 
 
-def init_horovod(launcher: str) -> str:
-    """Initialise Horovod for this launcher; returns the controller in use ('mpi' or 'gloo')."""
+def init_horovod(launcher: str, layout: Layout) -> str:
+    """Initialise Horovod for this launcher; returns the controller in use ('mpi' or 'gloo').
+
+    The data-parallel groups of the grid are registered as Horovod process sets (statically, so
+    every rank declares the same sets in the same order); `dp_process_set()` returns this rank's.
+    """
+    global _dp_process_set
     import horovod.torch as hvd
 
     if launcher != "mpi":
         _gloo_rendezvous()
-    hvd.init()
+    if layout.dp == layout.world_size:  # mp == 1: the data-parallel group is the whole world
+        hvd.init()
+        _dp_process_set = hvd.global_process_set
+    else:
+        sets = [hvd.ProcessSet(layout.dp_group_ranks(p)) for p in range(layout.mp)]
+        hvd.init(process_sets=sets)
+        _dp_process_set = sets[layout.mp_rank(hvd.rank())]
     if (hvd.rank(), hvd.size()) != (dist.get_rank(), dist.get_world_size()):
         raise RuntimeError(
             f"Horovod rank/size {hvd.rank()}/{hvd.size()} disagree with torch.distributed "
@@ -98,10 +112,21 @@ def init_horovod(launcher: str) -> str:
     return "mpi" if hvd.mpi_enabled() else "gloo"
 
 
+def dp_process_set():
+    """Horovod process set of this rank's data-parallel group (after `init_horovod`)."""
+    if _dp_process_set is None:
+        raise RuntimeError("init_horovod() has not run")
+    return _dp_process_set
+
+
 def shutdown_horovod() -> None:
-    global _rendezvous_server
+    """Shut down once every rank is done: Horovod's shutdown is global and would cut off a rank
+    whose last collective is still in flight."""
+    global _rendezvous_server, _dp_process_set
+    _dp_process_set = None
     import horovod.torch as hvd
 
+    dist.barrier()
     hvd.shutdown()
     if _rendezvous_server is not None:
         _rendezvous_server.stop()

@@ -46,6 +46,11 @@ def run_self_check(grid: ProcessGrid) -> dict[str, Any]:
     avg = hvd.allreduce(h, name="selfcheck.fp16", op=hvd.Average, compression=hvd.Compression.fp16)
     _expect("horovod allreduce (fp16)", avg, torch.tensor([world / 2.0, -(world - 1.0), 1024.0]))
 
+    from pipeline.parallel.horovod import dp_process_set
+
+    d = hvd.allreduce(torch.ones(1), name="selfcheck.dp", op=hvd.Sum, process_set=dp_process_set())
+    _expect("horovod allreduce (data-parallel process set)", d, torch.tensor([float(grid.dp)]))
+
     return {
         "rank": rank,
         "world_size": world,
@@ -57,4 +62,5 @@ def run_self_check(grid: ProcessGrid) -> dict[str, Any]:
         "mp_rank": grid.mp_rank,
         "torch_allreduce": x.tolist(),
         "horovod_allreduce_fp16": avg.tolist(),
+        "horovod_dp_allreduce": d.tolist(),
     }
