@@ -121,7 +121,8 @@ def check_local_sgd(replicas: list[int], rank: int, sync_every: int = 3) -> None
 
 
 def main() -> None:
-    out, mp = Path(sys.argv[1]), int(sys.argv[2])
+    out, mp = (a for a in sys.argv[1:] if not a.startswith("--local_rank"))  # deepspeed adds --local_rank
+    out, mp = Path(out), int(mp)
     launch = init_distributed()
     grid = build_grid(mp)
     init_horovod(launch.launcher, grid.layout)
