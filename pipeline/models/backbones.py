@@ -1,0 +1,54 @@
+"""Backbones: what turns a sample's features into the d-dimensional embedding the output layer scores.
+
+Both run inside the DeepSpeed engine, replicated on every rank (ZeRO partitions their optimizer
+state, gradients or parameters by stage).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(dims: list[int]) -> nn.Sequential:
+    """Linear layers between consecutive widths, ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+class BowBackbone(nn.Module):
+    """Sparse bag of words: EmbeddingBag over feature ids weighted by tf-idf, then an MLP to embed_dim.
+
+    The EmbeddingBag is the first (and by far the largest) layer; it never materialises the
+    num_features-wide input.
+    """
+
+    def __init__(self, num_features: int, embed_dim: int, hidden_dims: list[int]) -> None:
+        super().__init__()
+        widths = [*hidden_dims, embed_dim]
+        self.bag = nn.EmbeddingBag(num_features, widths[0], mode="sum")
+        self.bag_bias = nn.Parameter(torch.zeros(widths[0]))
+        nn.init.normal_(self.bag.weight, std=widths[0] ** -0.5)
+        self.mlp = mlp(widths) if len(widths) > 1 else nn.Identity()
+        self.hidden = nn.ReLU() if len(widths) > 1 else nn.Identity()
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        h = self.bag(indices, offsets, per_sample_weights=weights) + self.bag_bias
+        return self.mlp(self.hidden(h))
+
+
+class DenseBackbone(nn.Module):
+    """Dense features (e.g. precomputed text embeddings): an MLP, or the identity when no layer is asked
+    for and the widths already agree."""
+
+    def __init__(self, in_dim: int, embed_dim: int, hidden_dims: list[int]) -> None:
+        super().__init__()
+        widths = [in_dim, *hidden_dims, embed_dim]
+        self.mlp = nn.Identity() if widths == [in_dim, in_dim] else mlp(widths)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features.float())

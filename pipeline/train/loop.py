@@ -1,0 +1,387 @@
+"""The training loop, top to bottom.
+
+One step on one rank:
+  1. the backbone (a DeepSpeed engine over all ranks) embeds this rank's batch;
+  2. the embeddings of the model-parallel group are all-gathered; this rank's head shard scores them
+     for its label range; the distributed loss over the full label set is the same on every rank of
+     the group;
+  3. `engine.backward` runs both graphs: DeepSpeed reduces the backbone's gradients over all ranks,
+     the head's stay local;
+  4. head gradients: replicated head parameters are summed over the model-parallel group, then every
+     head gradient is averaged over the data-parallel replicas through Horovod (with compression);
+  5. both optimizers step on the same schedule.
+
+Gradient scale: the group loss is a mean over the group's samples; DeepSpeed averages the backbone
+gradient over all dp x mp ranks, i.e. also over the mp ranks that computed the same group loss, which
+would shrink it by 1/mp. `scale_grad` multiplies the embeddings' gradient by mp to undo exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import RunConfig
+from pipeline.data import make_loader, read_manifest
+from pipeline.models.build import build_backbone, build_head
+from pipeline.parallel.gather_labels import gather_labels
+from pipeline.parallel.gradient_exchange import GradientExchange
+from pipeline.parallel.grid import ProcessGrid
+from pipeline.parallel.horovod import dp_process_set
+from pipeline.parallel.label_range import LabelRange, split_labels
+from pipeline.parallel.losses import distributed_loss
+from pipeline.parallel.model_parallel import gather_embeddings, sum_replicated_grads
+from pipeline.parallel.topk import distributed_topk
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.logbook import Logbook
+from pipeline.train.metrics import XMCMetrics, popularity_baseline
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by `scale` on the way back."""
+    return x if scale == 1 else _ScaleGrad.apply(x, scale)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed section, with the batch sizes made consistent with the data section."""
+    ds = dict(config.deepspeed)
+    ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
+    gas = int(ds.get("gradient_accumulation_steps", 1))
+    ds["gradient_accumulation_steps"] = gas
+    ds["train_batch_size"] = config.data.batch_size * gas * world_size
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    if ds.get("fp16", {}).get("enabled"):
+        raise TrainingError(
+            "deepspeed.fp16: the head shares the backbone's loss, and fp16 loss scaling would scale its "
+            "gradients; use bf16 (same memory, no loss scale) or fp32"
+        )
+    return ds
+
+
+def fault_point(rank: int, step: int) -> str | None:
+    """Fault injection for the failure tests: XMC_FAULT_RANK, XMC_FAULT_KIND (raise, kill, nan),
+    XMC_FAULT_STEP (first step affected) and XMC_FAULT_COUNT (steps affected, for nan)."""
+    if os.environ.get("XMC_FAULT_RANK") != str(rank) or "XMC_FAULT_STEP" not in os.environ:
+        return None
+    first = int(os.environ["XMC_FAULT_STEP"])
+    count = int(os.environ.get("XMC_FAULT_COUNT", "1"))
+    if not first <= step < first + count:
+        return None
+    kind = os.environ.get("XMC_FAULT_KIND", "raise")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at step {step} (XMC_FAULT_RANK)")
+    return kind
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and the data position within the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches: int = 0
+
+
+class Trainer:
+    """Builds the model for this rank of the grid and runs training, evaluation and checkpoints."""
+
+    def __init__(self, config: RunConfig, grid: ProcessGrid) -> None:
+        import deepspeed
+
+        self.config, self.grid = config, grid
+        self.out = Path(config.train.output_dir)
+        self.train_manifest = read_manifest(config.data.train)
+        self.test_manifest = read_manifest(config.data.test)
+        m = self.train_manifest
+        self.num_labels = m.num_labels
+        self.label_range: LabelRange = split_labels(m.num_labels, grid.mp, grid.mp_rank)
+        self.rank0 = grid.rank == 0
+
+        torch.manual_seed(config.train.seed)  # identical backbone and replicated head parts everywhere
+        backbone = build_backbone(config.model, m.feature_kind, m.num_features)
+        self.head = build_head(config.model, self.label_range, seed=config.train.seed)
+        total, warmup = config.train.steps, config.train.warmup_steps
+        schedule = lambda step: lr_factor(step, warmup, total)  # noqa: E731
+        backbone_opt = torch.optim.Adam(backbone.parameters(), lr=config.train.lr)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=backbone,
+            optimizer=backbone_opt,
+            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(backbone_opt, schedule),
+            config=deepspeed_config(config, grid.world_size),
+        )
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.train.lr)
+        self.head_scheduler = torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, schedule)
+        p = config.parallel
+        self.exchange = GradientExchange(
+            self.head.named_parameters(), dp_process_set(), p.compression, p.topk_fraction, p.sync_every
+        )
+        self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
+        self.position = Position()
+        self.logbook = Logbook(self.out, enabled=self.rank0)
+
+    # ----- data -----------------------------------------------------------------------------------
+
+    def loader(self, source: str, epoch: int, skip: int, train: bool):
+        d = self.config.data
+        return make_loader(
+            source,
+            d.batch_size,
+            self.grid.rank,
+            self.grid.world_size,
+            epoch=epoch,
+            seed=self.config.train.seed,
+            num_workers=d.num_workers,
+            shuffle=train,
+            shuffle_buffer=d.shuffle_buffer,
+            skip_batches=skip,
+            bad_samples=d.bad_samples,
+            expected=(self.train_manifest.num_features, self.num_labels),
+        )
+
+    def train_batches(self):
+        """Batches forever, epoch after epoch, starting at the saved data position."""
+        while True:
+            loader = self.loader(self.config.data.train, self.position.epoch, self.position.batches, True)
+            for batch in loader:
+                yield batch
+                self.position.batches += 1
+            self.position.epoch += 1
+            self.position.batches = 0
+
+    # ----- model ----------------------------------------------------------------------------------
+
+    def embed(self, batch) -> torch.Tensor:
+        """Backbone embeddings of a batch, padded to the full batch size (padding rows are invalid)."""
+        if batch.dense is not None:
+            h = self.engine(batch.dense.to(self.dtype))
+        else:
+            weights = batch.feature_weights.to(self.dtype)
+            h = self.engine(batch.feature_indices, batch.feature_offsets, weights)
+        missing = self.config.data.batch_size - h.shape[0]
+        if missing:
+            h = torch.cat([h, h.new_zeros(missing, h.shape[1])])
+        return h.float()
+
+    def labels(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Label CSR and validity of a batch padded to the full batch size."""
+        missing = self.config.data.batch_size - batch.size
+        indptr, valid = batch.label_indptr, batch.valid
+        if missing:
+            indptr = torch.cat([indptr, indptr[-1:].expand(missing)])
+            valid = torch.cat([valid, torch.zeros(missing, dtype=torch.bool)])
+        return indptr, batch.label_indices, valid
+
+    def head_logits(self, h: torch.Tensor, micro: int) -> torch.Tensor:
+        """Local logits of the group's gathered embeddings. Dropout inside the head draws from a seed
+        shared by the model-parallel group, so its replicated layers see the same masks everywhere."""
+        h_all = gather_embeddings(scale_grad(h, self.grid.mp), self.grid.mp_group)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.config.train.seed, self.position.step, micro, self.grid.dp_rank)) & 0xFFFFFFFF)
+            return self.head(h_all)
+
+    # ----- one step -------------------------------------------------------------------------------
+
+    def train_step(self, batches) -> tuple[float, bool]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns (loss, applied).
+
+        A non-finite loss on any rank drops the whole step on every rank (gradients zeroed, nothing
+        applied), so the ranks never disagree about which collectives come next."""
+        g, losses = self.grid, []
+        gas = self.engine.gradient_accumulation_steps()
+        for micro in range(gas):
+            batch = next(batches)
+            h = self.embed(batch)
+            indptr, indices, valid = gather_labels(*self.labels(batch), g.mp_group)
+            logits = self.head_logits(h, micro)
+            loss = distributed_loss(
+                self.config.model.loss, logits, indptr, indices, self.label_range, valid, g.mp_group
+            )
+            if fault_point(g.rank, self.position.step) == "nan":
+                loss = loss * float("nan")
+            flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together, or none does
+            if flag.item():
+                self.engine.optimizer.zero_grad()
+                self.head_optimizer.zero_grad(set_to_none=True)
+                self.engine.micro_steps += gas - micro  # DeepSpeed counts micro-steps to find boundaries
+                return float("nan"), False
+            self.engine.backward(loss)
+            losses.append(loss.item())
+            if micro < gas - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only counts it
+        sum_replicated_grads(self.head.replicated_parameters(), g.mp_group)
+        self.exchange.after_backward()
+        self.engine.step()
+        self.head_optimizer.step()
+        self.head_scheduler.step()
+        self.head_optimizer.zero_grad(set_to_none=True)
+        self.position.step += 1
+        self.exchange.after_step(self.position.step)
+        ffi = self.config.model.ffi
+        if self.config.model.head == "ffi" and ffi.rewire_every and self.position.step % ffi.rewire_every == 0:
+            self.head.rewire(ffi.rewire_fraction, self.rewire_generator, self.head_optimizer)
+        return sum(losses) / gas, True
+
+    # ----- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, source: str | None = None) -> dict[str, float]:
+        """Full metric set over a shard set (the test set by default), exact across ranks."""
+        self.engine.eval()
+        self.head.eval()
+        g, b = self.grid, self.config.data.batch_size
+        metrics = self.new_metrics()
+        for batch in self.loader(source or self.config.data.test, 0, 0, train=False):
+            h = self.embed(batch)
+            logits = self.head(gather_embeddings(h, g.mp_group))
+            _, ids = distributed_topk(logits, max(metrics.ks), self.label_range, g.mp_group)
+            own = slice(g.mp_rank * b, (g.mp_rank + 1) * b)
+            metrics.update(ids[own], *self.labels(batch))
+        self.engine.train()
+        self.head.train()
+        return metrics.compute(group=None)
+
+    def new_metrics(self) -> XMCMetrics:
+        m = self.train_manifest
+        return XMCMetrics(self.num_labels, m.label_frequencies, m.num_samples)
+
+    def baseline(self) -> dict[str, float]:
+        """Metrics of predicting the most frequent training labels for everyone, on the test set."""
+        metrics = self.new_metrics()
+        return popularity_baseline(metrics, self.loader(self.config.data.test, 0, 0, train=False))
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        rank_state = {
+            "position": vars(self.position).copy(),
+            "scheduler": self.head_scheduler.state_dict(),
+            "residuals": self.exchange.residuals,
+            "rewire_generator": self.rewire_generator.get_state(),
+            "label_range": vars(self.label_range).copy(),
+        }
+        meta = {"num_labels": self.num_labels, "head": self.config.model.head}
+        return ckpt.save_checkpoint(
+            ckpt.checkpoint_root(self.out),
+            self.position.step,
+            self.engine,
+            self.head,
+            self.head_optimizer,
+            rank_state,
+            meta,
+            self.grid,
+            self.config.train.keep_checkpoints,
+        )
+
+    def restore(self, path: Path) -> None:
+        """Continue from checkpoint `path`; the head is resharded if the model-parallel size changed."""
+        meta = ckpt.read_meta(path)
+        if meta["world_size"] != self.grid.world_size:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {meta['world_size']} ranks, this run has {self.grid.world_size}: "
+                "resume with the same world size (the model-parallel size may differ)"
+            )
+        if meta["num_labels"] != self.num_labels or meta["head"] != self.config.model.head:
+            raise ckpt.CheckpointError(
+                f"{path} holds a {meta['head']} head over {meta['num_labels']} labels, the config asks for "
+                f"a {self.config.model.head} head over {self.num_labels}"
+            )
+        self.engine.load_checkpoint(str(path / "backbone"), tag="backbone")
+        if meta["model_parallel"] == self.grid.mp:
+            own = torch.load(path / "head" / f"rank{self.grid.rank:05d}.pt", weights_only=False)
+            ckpt.restore_head(self.head, self.head_optimizer, own["head"], own["optimizer"])
+            ckpt.set_rng_state(own["rng"])
+            for name, residual in own["residuals"].items():
+                self.exchange.residuals[name].copy_(residual)
+            self.rewire_generator.set_state(own["rewire_generator"])
+        else:
+            shards = ckpt.load_head_shards(path, meta["model_parallel"])
+            state, by_name = ckpt.reshard_head_state(shards, self.head, self.label_range)
+            ckpt.restore_head(self.head, self.head_optimizer, state, by_name)
+            own = shards[0]
+        self.head_scheduler.load_state_dict(own["scheduler"])
+        self.position = Position(**own["position"])
+
+    # ----- the run --------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train for `train.steps` steps from the current position; returns the final test metrics."""
+        cfg = self.config.train
+        batches = self.train_batches()
+        bar = tqdm(total=cfg.steps, initial=self.position.step, disable=not self.rank0, desc="train")
+        bad_in_a_row, window, started = 0, [], time.perf_counter()
+        while self.position.step < cfg.steps:
+            loss, applied = self.train_step(batches)
+            if not applied:
+                bad_in_a_row += 1
+                warnings.warn(f"step {self.position.step}: non-finite loss, step skipped", stacklevel=1)
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_in_a_row} non-finite losses in a row at step {self.position.step} "
+                        f"(train.max_bad_steps={cfg.max_bad_steps}); last checkpoint left as it was"
+                    )
+                continue
+            bad_in_a_row = 0
+            window.append(loss)
+            step = self.position.step
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean = torch.tensor([sum(window) / len(window)])
+                dist.all_reduce(mean)
+                elapsed = time.perf_counter() - started
+                record = {
+                    "loss": mean.item() / self.grid.world_size,
+                    "lr": self.head_scheduler.get_last_lr()[0],
+                    "samples_per_s": len(window) * self.config.data.batch_size * self.grid.world_size / elapsed,
+                    "exchange_bytes": self.exchange.step_bytes,
+                }
+                self.logbook.log("train", step, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                window, started = [], time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                self.logbook.log("eval", step, self.evaluate())
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.logbook.log("eval", self.position.step, final)
+        self.save()
+        return final
