@@ -8,8 +8,14 @@
 talking to another (exit code 2 on an invalid one). A rank that fails prints `[rank N] ...` and the
 whole job exits non-zero.
 
-Fault injection, for tests of the failure paths: XMC_FAULT_RANK=N makes rank N fail after start-up,
-by raising (XMC_FAULT_KIND=raise, default) or by killing itself with SIGKILL (XMC_FAULT_KIND=kill).
+`--resume auto` continues from the newest complete checkpoint in train.output_dir (a fresh start if
+there is none); `--resume PATH` from that checkpoint. `--check` starts every rank, runs the start-up
+self-check (exact allreduces over torch.distributed and Horovod) and stops: a quick test of a cluster.
+
+Fault injection, for tests of the failure paths: XMC_FAULT_RANK=N makes rank N fail, by raising
+(XMC_FAULT_KIND=raise, default), by killing itself with SIGKILL (kill) or, during training only, by
+producing a NaN loss (nan); right after start-up, or at optimizer step XMC_FAULT_STEP if that is set
+(for XMC_FAULT_COUNT steps, for nan).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch.distributed  # noqa: E402
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from pipeline.parallel.distributed import detect_launcher, env_rank, init_distributed  # noqa: E402
@@ -39,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
+    parser.add_argument("--resume", default=None, metavar="auto|PATH", help="continue from a checkpoint")
+    parser.add_argument("--check", action="store_true", help="start up, run the self-check, stop")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser.parse_args(argv)
 
@@ -50,13 +60,13 @@ def check_world_size(config: RunConfig) -> None:
 
 
 def maybe_inject_fault(rank: int) -> None:
-    if os.environ.get("XMC_FAULT_RANK") == str(rank):
+    if os.environ.get("XMC_FAULT_RANK") == str(rank) and "XMC_FAULT_STEP" not in os.environ:
         if os.environ.get("XMC_FAULT_KIND", "raise") == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError("injected fault (XMC_FAULT_RANK)")
 
 
-def run(config: RunConfig) -> None:
+def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
     launch = init_distributed()
     grid = build_grid(config.parallel.model_parallel)
     controller = init_horovod(launch.launcher, grid.layout)
@@ -73,7 +83,44 @@ def run(config: RunConfig) -> None:
             f"horovod over {controller}",
             flush=True,
         )
+    if not check_only:
+        train(config, grid, resume)
     shutdown_horovod()
+
+
+def train(config: RunConfig, grid, resume: str | None) -> None:
+    from pipeline.data.synthetic import ensure_synthetic
+
+    from pipeline.train import checkpoint
+    from pipeline.train.loop import Trainer
+
+    if grid.rank == 0:
+        ensure_synthetic(config.data)
+    torch.distributed.barrier()
+    trainer = Trainer(config, grid)
+    if resume:
+        path = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.train.output_dir))
+        path = path if resume == "auto" else Path(resume)
+        if path is not None:
+            trainer.restore(path)
+            if grid.rank == 0:
+                print(f"resumed from {path} at step {trainer.position.step}", flush=True)
+    final = trainer.fit()
+    baseline = trainer.baseline()
+    if grid.rank == 0:
+        summary = {"final": final, "popularity_baseline": baseline, "step": trainer.position.step}
+        (Path(config.train.output_dir) / "final_metrics.json").write_text(
+            json.dumps(summary, indent=1) + "\n"
+        )
+        print(format_summary(final, baseline), flush=True)
+    trainer.logbook.close()
+
+
+def format_summary(final: dict[str, float], baseline: dict[str, float]) -> str:
+    keys = ["P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "R@5"]
+    model = "  ".join(f"{k} {100 * final[k]:.2f}" for k in keys)
+    popular = "  ".join(f"{k} {100 * baseline[k]:.2f}" for k in keys)
+    return f"test metrics (%):        {model}\npopularity baseline (%): {popular}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        run(config)
+        run(config, args.resume, args.check)
     except BaseException as e:  # name the rank, then take the whole job down rather than hang it
         if isinstance(e, SystemExit) and not e.code:
             raise

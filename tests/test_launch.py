@@ -18,7 +18,7 @@ TRAIN = ROOT / "launch" / "train.py"
 
 
 def run_train(launcher: str, nranks: int, out: Path, *sets: str, env: dict | None = None):
-    args = ["--config", str(ROOT / "configs" / "demo.json"), "--set", f"train.output_dir={out}"]
+    args = ["--config", str(ROOT / "configs" / "demo.json"), "--check", "--set", f"train.output_dir={out}"]
     args += [a for s in sets for a in ("--set", s)]
     return run_launched(launcher, nranks, TRAIN, args, cwd=out.parent, env=env)
 

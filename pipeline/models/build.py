@@ -13,7 +13,9 @@ def build_backbone(model: ModelConfig, feature_kind: str, num_features: int) -> 
     """`num_features` is the vocabulary size for bag-of-words data, the input width for dense data."""
     if model.backbone == "bow":
         if feature_kind != "bow":
-            raise ValueError(f"model.backbone='bow' needs bag-of-words data, the manifest says {feature_kind!r}")
+            raise ValueError(
+                f"model.backbone='bow' needs bag-of-words data, the manifest says {feature_kind!r}"
+            )
         return BowBackbone(num_features, model.embed_dim, model.hidden_dims)
     if feature_kind != "dense":
         raise ValueError(f"model.backbone='dense' needs dense features, the manifest says {feature_kind!r}")

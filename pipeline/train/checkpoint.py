@@ -129,7 +129,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 def load_head_shards(path: Path, old_mp: int) -> list[dict[str, Any]]:
     """The head shards of model-parallel group 0 of the writer (ranks 0 .. old_mp-1), in label order."""
     return [
-        torch.load(path / "head" / f"rank{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(old_mp)
+        torch.load(path / "head" / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)
+        for r in range(old_mp)
     ]
 
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
@@ -42,8 +41,8 @@ from pipeline.parallel.horovod import dp_process_set
 from pipeline.parallel.label_range import LabelRange, split_labels
 from pipeline.parallel.losses import distributed_loss
 from pipeline.parallel.model_parallel import gather_embeddings, sum_replicated_grads
-from pipeline.parallel.topk import distributed_topk
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.evaluate import embed, evaluate, padded_labels
 from pipeline.train.logbook import Logbook
 from pipeline.train.metrics import XMCMetrics, popularity_baseline
 
@@ -155,6 +154,8 @@ class Trainer:
         )
         self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
         self.position = Position()
+        gas = self.engine.gradient_accumulation_steps()
+        self.samples_per_step = config.data.batch_size * gas * grid.world_size
         self.logbook = Logbook(self.out, enabled=self.rank0)
 
     # ----- data -----------------------------------------------------------------------------------
@@ -188,33 +189,14 @@ class Trainer:
 
     # ----- model ----------------------------------------------------------------------------------
 
-    def embed(self, batch) -> torch.Tensor:
-        """Backbone embeddings of a batch, padded to the full batch size (padding rows are invalid)."""
-        if batch.dense is not None:
-            h = self.engine(batch.dense.to(self.dtype))
-        else:
-            weights = batch.feature_weights.to(self.dtype)
-            h = self.engine(batch.feature_indices, batch.feature_offsets, weights)
-        missing = self.config.data.batch_size - h.shape[0]
-        if missing:
-            h = torch.cat([h, h.new_zeros(missing, h.shape[1])])
-        return h.float()
-
-    def labels(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Label CSR and validity of a batch padded to the full batch size."""
-        missing = self.config.data.batch_size - batch.size
-        indptr, valid = batch.label_indptr, batch.valid
-        if missing:
-            indptr = torch.cat([indptr, indptr[-1:].expand(missing)])
-            valid = torch.cat([valid, torch.zeros(missing, dtype=torch.bool)])
-        return indptr, batch.label_indices, valid
-
     def head_logits(self, h: torch.Tensor, micro: int) -> torch.Tensor:
         """Local logits of the group's gathered embeddings. Dropout inside the head draws from a seed
         shared by the model-parallel group, so its replicated layers see the same masks everywhere."""
         h_all = gather_embeddings(scale_grad(h, self.grid.mp), self.grid.mp_group)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.config.train.seed, self.position.step, micro, self.grid.dp_rank)) & 0xFFFFFFFF)
+            torch.manual_seed(
+                hash((self.config.train.seed, self.position.step, micro, self.grid.dp_rank)) & 0xFFFFFFFF
+            )
             return self.head(h_all)
 
     # ----- one step -------------------------------------------------------------------------------
@@ -228,8 +210,9 @@ class Trainer:
         gas = self.engine.gradient_accumulation_steps()
         for micro in range(gas):
             batch = next(batches)
-            h = self.embed(batch)
-            indptr, indices, valid = gather_labels(*self.labels(batch), g.mp_group)
+            h = embed(self.engine, batch, self.config.data.batch_size, self.dtype)
+            labels = padded_labels(batch, self.config.data.batch_size)
+            indptr, indices, valid = gather_labels(*labels, g.mp_group)
             logits = self.head_logits(h, micro)
             loss = distributed_loss(
                 self.config.model.loss, logits, indptr, indices, self.label_range, valid, g.mp_group
@@ -256,28 +239,28 @@ class Trainer:
         self.position.step += 1
         self.exchange.after_step(self.position.step)
         ffi = self.config.model.ffi
-        if self.config.model.head == "ffi" and ffi.rewire_every and self.position.step % ffi.rewire_every == 0:
+        if (
+            self.config.model.head == "ffi"
+            and ffi.rewire_every
+            and self.position.step % ffi.rewire_every == 0
+        ):
             self.head.rewire(ffi.rewire_fraction, self.rewire_generator, self.head_optimizer)
         return sum(losses) / gas, True
 
     # ----- evaluation -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, source: str | None = None) -> dict[str, float]:
-        """Full metric set over a shard set (the test set by default), exact across ranks."""
-        self.engine.eval()
-        self.head.eval()
-        g, b = self.grid, self.config.data.batch_size
-        metrics = self.new_metrics()
-        for batch in self.loader(source or self.config.data.test, 0, 0, train=False):
-            h = self.embed(batch)
-            logits = self.head(gather_embeddings(h, g.mp_group))
-            _, ids = distributed_topk(logits, max(metrics.ks), self.label_range, g.mp_group)
-            own = slice(g.mp_rank * b, (g.mp_rank + 1) * b)
-            metrics.update(ids[own], *self.labels(batch))
-        self.engine.train()
-        self.head.train()
-        return metrics.compute(group=None)
+        """Full metric set over a shard set (the test set by default)."""
+        batches = self.loader(source or self.config.data.test, 0, 0, train=False)
+        return evaluate(
+            self.engine.module,
+            self.head,
+            batches,
+            self.grid,
+            self.label_range,
+            self.config.data.batch_size,
+            self.new_metrics(),
+        )
 
     def new_metrics(self) -> XMCMetrics:
         m = self.train_manifest
@@ -370,7 +353,7 @@ class Trainer:
                 record = {
                     "loss": mean.item() / self.grid.world_size,
                     "lr": self.head_scheduler.get_last_lr()[0],
-                    "samples_per_s": len(window) * self.config.data.batch_size * self.grid.world_size / elapsed,
+                    "samples_per_s": len(window) * self.samples_per_step / elapsed,
                     "exchange_bytes": self.exchange.step_bytes,
                 }
                 self.logbook.log("train", step, record)
