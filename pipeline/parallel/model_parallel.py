@@ -1,0 +1,72 @@
+"""The two collectives of the model-parallel output layer.
+
+Every rank of a model-parallel group scores the embeddings of the whole group against its own label
+range, so the forward pass all-gathers the embeddings. Each rank's logits then depend on every rank's
+embeddings: the gradient of rank r's embeddings is the sum, over the group, of the gradient rows that
+belong to r (a reduce-scatter). Parameters replicated across the group (e.g. the FFI head's
+intermediate layer) likewise only see their local labels' share of the gradient and are summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Size of the group; None (no model parallelism) counts as a group of one."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class _GatherEmbeddings(torch.autograd.Function):
+    """Forward: all-gather rows in group-rank order. Backward: reduce-scatter (sum) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        size = dist.get_world_size(group)
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), h.shape[0]
+        parts = [torch.empty_like(h) for _ in range(size)]
+        dist.all_gather(parts, h.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            own = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(own, grad, group=ctx.group)
+            return own, None
+        # gloo has no reduce-scatter: all-reduce the whole gradient and keep our rows (twice the traffic).
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+
+
+def gather_embeddings(h: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Embeddings [n, d] of this rank -> [size * n, d] of the whole group, in group-rank order.
+
+    Every rank of the group must pass the same n (pad the last batch and mask the padding out of the
+    loss with `valid`). The backward returns each rank exactly the summed gradient of its own rows.
+    group None or of size one: identity.
+    """
+    if group_size(group) == 1:
+        return h
+    return _GatherEmbeddings.apply(h, group)
+
+
+def sum_replicated_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """All-reduce (sum) the gradients of parameters replicated across the model-parallel group.
+
+    Each rank's backward only covers the loss terms of its own labels; the full gradient is the sum.
+    Call after backward and before the optimizer step (and before any data-parallel averaging).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if group_size(group) == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(new.view_as(g))
