@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipeline.parallel.grid import ProcessGrid
@@ -79,4 +80,14 @@ def evaluate(
         metrics.update(ids, batch.label_indptr, batch.label_indices, batch.valid)
     backbone.train(was_training[0])
     head.train(was_training[1])
-    return metrics.compute(group=None)
+    return metrics.compute(group=dist.group.WORLD)
+
+
+def popularity(batches: Iterable, metrics: XMCMetrics, label_frequencies) -> dict[str, float]:
+    """Metrics of predicting the most frequent training labels (ties: smaller id) for every sample."""
+    kmax = max(metrics.ks)
+    top = torch.as_tensor(label_frequencies).argsort(descending=True, stable=True)[:kmax]
+    top = torch.nn.functional.pad(top, (0, kmax - top.numel()), value=-1)
+    for batch in batches:
+        metrics.update(top.expand(batch.size, -1), batch.label_indptr, batch.label_indices, batch.valid)
+    return metrics.compute(group=dist.group.WORLD)

@@ -42,9 +42,9 @@ from pipeline.parallel.label_range import LabelRange, split_labels
 from pipeline.parallel.losses import distributed_loss
 from pipeline.parallel.model_parallel import gather_embeddings, sum_replicated_grads
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.evaluate import embed, evaluate, padded_labels
+from pipeline.train.evaluate import embed, evaluate, padded_labels, popularity
 from pipeline.train.logbook import Logbook
-from pipeline.train.metrics import XMCMetrics, popularity_baseline
+from pipeline.train.metrics import XMCMetrics
 
 
 class TrainingError(RuntimeError):
@@ -268,8 +268,8 @@ class Trainer:
 
     def baseline(self) -> dict[str, float]:
         """Metrics of predicting the most frequent training labels for everyone, on the test set."""
-        metrics = self.new_metrics()
-        return popularity_baseline(metrics, self.loader(self.config.data.test, 0, 0, train=False))
+        batches = self.loader(self.config.data.test, 0, 0, train=False)
+        return popularity(batches, self.new_metrics(), self.train_manifest.label_frequencies)
 
     # ----- checkpoints ----------------------------------------------------------------------------
 

@@ -1,0 +1,128 @@
+"""Top-k predictions for a set of shards from a training checkpoint, at any world size.
+
+    python launch/predict.py --checkpoint runs/demo --data data/demo/test --out runs/demo/pred.jsonl
+    deepspeed --num_gpus 2 launch/predict.py --checkpoint runs/demo ...   # labels split over 2 ranks
+    mpirun -np 2 python launch/predict.py --checkpoint runs/demo ...
+
+`--checkpoint` is a run's output folder (its newest complete checkpoint is used) or one checkpoint
+folder. The backbone comes from the checkpoint's full weights, the head shards are re-cut to this
+world (every rank scores a label range). Output by extension: `.jsonl`, one line per sample
+`{"id": sample id, "labels": [...], "scores": [...]}`; `.npy`, top-k label ids [N, k] in sample-id
+order (scores beside it in `*_scores.npy`). When the shards carry labels, the metrics are printed and
+written to `<out>.metrics.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import make_loader, read_manifest  # noqa: E402
+from pipeline.models.build import build_backbone, build_head  # noqa: E402
+from pipeline.parallel.distributed import init_distributed  # noqa: E402
+from pipeline.parallel.grid import build_grid  # noqa: E402
+from pipeline.parallel.label_range import split_labels  # noqa: E402
+from pipeline.train import checkpoint as ckpt  # noqa: E402
+from pipeline.train.evaluate import predict  # noqa: E402
+from pipeline.train.metrics import XMCMetrics  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="run output folder or checkpoint folder")
+    parser.add_argument("--data", default=None, help="shards to predict (default: the run's test set)")
+    parser.add_argument("--out", required=True, help="predictions file, .jsonl or .npy")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser.parse_args(argv)
+
+
+def find_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(checkpoint folder, run folder) from either of them."""
+    if (path / "meta.json").is_file():
+        return path, path.parent.parent
+    found = ckpt.latest_checkpoint(ckpt.checkpoint_root(path))
+    if found is None:
+        raise SystemExit(f"predict: no complete checkpoint under {path}")
+    return found, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkpoint, run_dir = find_checkpoint(Path(args.checkpoint))
+    config = load_config(run_dir / "config.json")
+    meta = ckpt.read_meta(checkpoint)
+    init_distributed()
+    grid = build_grid(dist.get_world_size())  # every rank scores its own label range
+    train_manifest = read_manifest(config.data.train)
+    label_range = split_labels(meta["num_labels"], grid.mp, grid.mp_rank)
+
+    backbone = build_backbone(config.model, train_manifest.feature_kind, train_manifest.num_features)
+    backbone.load_state_dict(torch.load(checkpoint / "backbone.pt", map_location="cpu", weights_only=True))
+    head = build_head(config.model, label_range, seed=config.train.seed)
+    shards = ckpt.load_head_shards(checkpoint, meta["model_parallel"])
+    state, _ = ckpt.reshard_head_state(shards, head, label_range)
+    head.load_state_dict(state)
+    backbone.eval()
+    head.eval()
+
+    batch_size = args.batch_size or config.data.batch_size
+    source = args.data or config.data.test
+    batches = make_loader(source, batch_size, grid.rank, grid.world_size, shuffle=False)
+    metrics = XMCMetrics(meta["num_labels"], train_manifest.label_frequencies, train_manifest.num_samples)
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    labelled = False
+    for batch, scores, ids in predict(backbone, head, batches, grid, label_range, batch_size, args.k):
+        keep = batch.valid
+        rows.append((batch.sample_ids[keep].numpy(), ids[keep].numpy(), scores[keep].numpy()))
+        metrics.update(ids, batch.label_indptr, batch.label_indices, batch.valid)
+        labelled = labelled or batch.label_indices.numel() > 0
+    found = metrics.compute(group=dist.group.WORLD)
+
+    everything: list = [None] * grid.world_size
+    dist.all_gather_object(everything, rows)
+    if grid.rank == 0:
+        write_predictions(Path(args.out), [r for part in everything for r in part])
+        if labelled:
+            Path(str(args.out) + ".metrics.json").write_text(json.dumps(found, indent=1) + "\n")
+            print("  ".join(f"{k} {100 * v:.2f}" for k, v in found.items()), flush=True)
+    dist.barrier()
+    return 0
+
+
+def write_predictions(out: Path, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Rows of all ranks, in sample-id order, written under a temporary name and renamed."""
+    sample_ids = np.concatenate([r[0] for r in rows])
+    order = np.argsort(sample_ids, kind="stable")
+    ids = np.concatenate([r[1] for r in rows])[order]
+    scores = np.concatenate([r[2] for r in rows])[order]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    if out.suffix == ".npy":
+        with open(tmp, "wb") as f:
+            np.save(f, ids)
+        scores_file = out.with_name(out.stem + "_scores.npy")
+        with open(scores_file.with_name(scores_file.name + ".partial"), "wb") as f:
+            np.save(f, scores)
+        scores_file.with_name(scores_file.name + ".partial").replace(scores_file)
+    else:
+        with open(tmp, "w") as f:
+            for sid, top, sc in zip(sample_ids[order], ids, scores, strict=True):
+                f.write(json.dumps({"id": int(sid), "labels": top.tolist(), "scores": sc.tolist()}) + "\n")
+    tmp.replace(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
