@@ -1,0 +1,106 @@
+"""Builds and loads the C++/CUDA extension behind `torch.ops.xmc.*`, once per process.
+
+Compiled with torch.utils.cpp_extension (ninja) on first use and cached under
+`$XMC_EXTENSIONS_DIR` (default `~/.cache/xmc-pipeline/torch_extensions`) in a folder keyed by a hash of
+the sources, flags, torch version and CUDA arch, so edits rebuild and a cache copied to another
+machine is never reused for the wrong build. No -march=native: the innermost CPU loops carry their
+own AVX-512 / AVX2 / baseline clones. With a visible GPU and `csrc/ffi_cuda.cu` present, the CUDA
+kernels are compiled in too (`-DXMC_WITH_CUDA`); `XMC_FFI_CUDA=0` forces a CPU-only build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("ffi_binding.cpp", "ffi_cpu.cpp")
+CUDA_SOURCE = "ffi_cuda.cu"
+HEADERS = ("ffi_cpu.h", "ffi_cuda.h")
+CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+LDFLAGS = ["-fopenmp"]
+
+_loaded = False
+
+
+def cache_root() -> Path:
+    """Where built extensions are kept between processes."""
+    default = Path.home() / ".cache" / "xmc-pipeline" / "torch_extensions"
+    return Path(os.environ.get("XMC_EXTENSIONS_DIR", default))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("XMC_FFI_CUDA", "1") == "0" or not torch.cuda.is_available():
+        return False
+    if not (CSRC / CUDA_SOURCE).exists():
+        warnings.warn(
+            f"a GPU is visible but {CSRC / CUDA_SOURCE} is missing: building the FFI ops for CPU only, "
+            "so they will refuse CUDA tensors",
+            stacklevel=3,
+        )
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        raise RuntimeError(
+            "a GPU is visible but no CUDA toolkit was found (set CUDA_HOME to a folder with bin/nvcc), "
+            "or set XMC_FFI_CUDA=0 for a CPU-only build of the FFI ops"
+        )
+    return True
+
+
+def _cuda_flags() -> list[str]:
+    major, minor = torch.cuda.get_device_capability()
+    return ["-O3", "--use_fast_math", "-std=c++17", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+
+
+def _check_toolchain() -> None:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"C++ compiler '{compiler}' not found: the FFI ops are compiled on first use "
+            "(install g++, e.g. `apt-get install g++`, or point CXX at a compiler)"
+        )
+    if not is_ninja_available():
+        raise RuntimeError("ninja not found: torch.utils.cpp_extension needs it (`pip install ninja`)")
+
+
+def load_ops() -> None:
+    """Compile (if not cached) and load the extension; afterwards `torch.ops.xmc.ffi_*` exist."""
+    global _loaded
+    if _loaded:
+        return
+    _check_toolchain()
+    from torch.utils.cpp_extension import load
+
+    with_cuda = _want_cuda()
+    sources = [CSRC / s for s in CPU_SOURCES] + ([CSRC / CUDA_SOURCE] if with_cuda else [])
+    cuda_flags = _cuda_flags() if with_cuda else []
+    cflags = CFLAGS + (["-DXMC_WITH_CUDA"] if with_cuda else [])
+    digest = hashlib.sha256()
+    for path in sources + [CSRC / h for h in HEADERS if (CSRC / h).exists()]:
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(repr((cflags, cuda_flags, LDFLAGS, torch.__version__)).encode())
+    name = f"xmc_ffi_{'cuda' if with_cuda else 'cpu'}_{digest.hexdigest()[:16]}"
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags + (["-DXMC_WITH_CUDA"] if with_cuda else []),
+        extra_ldflags=LDFLAGS,
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=os.environ.get("XMC_BUILD_VERBOSE", "0") == "1",
+    )
+    _loaded = True

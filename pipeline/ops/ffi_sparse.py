@@ -1,0 +1,174 @@
+"""The fixed fan-in (FFI) sparse layer: every output reads exactly K of the inputs.
+
+`y[n, c] = b[c] + sum_k W[c, k] * x[n, I[c, k]]` with values `W [C, K]` (trained), indices `I [C, K]`
+(int32, distinct within a row; changed only by rewiring) and bias `b [C]`. Uniform fan-in makes the
+work per output regular, which is why the kernels behind `torch.ops.xmc` (csrc/) are fast; there is
+deliberately no plain-PyTorch fallback here (it lives in the tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from pipeline.ops.build import load_ops
+
+_ELEMENT_BUDGET = 1 << 22  # elements of scratch per chunk of rows when drawing indices
+
+
+class _FixedFanInFunction(torch.autograd.Function):
+    """Autograd over the three torch.ops.xmc kernels (forward, dx, dW); the bias gradient is a column sum."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, bias):
+        ctx.save_for_backward(x, values, indices)
+        ctx.has_bias = bias is not None
+        return torch.ops.xmc.ffi_forward(x, values, indices, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, values, indices = ctx.saved_tensors
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.xmc.ffi_backward_input(grad_y, values, indices, x.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_values = torch.ops.xmc.ffi_backward_weight(grad_y, x, indices)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_values, None, grad_bias
+
+
+def ffi_sparse(
+    x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Differentiable FFI product of a batch `x [N, H]`: returns `[N, C]` (gradients for x, values, bias)."""
+    load_ops()
+    return _FixedFanInFunction.apply(x, values, indices, bias)
+
+
+def _duplicates(candidates: torch.Tensor) -> torch.Tensor:
+    """True where a row repeats a value already seen earlier in that row."""
+    ordered, order = candidates.sort(dim=1, stable=True)
+    repeated = torch.zeros_like(candidates, dtype=torch.bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return torch.zeros_like(repeated).scatter_(1, order, repeated)
+
+
+def _members(candidates: torch.Tensor, sorted_sets: torch.Tensor) -> torch.Tensor:
+    """True where candidates[r, i] occurs in row r of sorted_sets (each row sorted ascending)."""
+    pos = torch.searchsorted(sorted_sets, candidates).clamp_(max=sorted_sets.shape[1] - 1)
+    return sorted_sets.gather(1, pos) == candidates
+
+
+def draw_fan_in_indices(
+    rows: int,
+    in_features: int,
+    count: int,
+    generator: torch.Generator | None = None,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per row, `count` distinct indices from [0, in_features) that are not in that row of `exclude`
+    ([rows, E], distinct per row). Returns int64 [rows, count] on the generator's device.
+
+    Vectorised and chunked over rows (memory bounded at any row count). Where the free indices are
+    plentiful, draws uniformly and redraws only collisions (expected few rounds); where they are scarce
+    (in_features < 4 * (count + E)), takes the `count` smallest of random keys over all inputs.
+    Deterministic for a seeded generator.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    excluded = 0 if exclude is None else exclude.shape[1]
+    if exclude is not None and exclude.shape[0] != rows:
+        raise ValueError(f"exclude has {exclude.shape[0]} rows, expected {rows}")
+    if count < 0 or count + excluded > in_features:
+        raise ValueError(
+            f"cannot draw {count} distinct indices from {in_features} inputs with {excluded} excluded per row"
+        )
+    out = torch.empty(rows, count, dtype=torch.int64, device=device)
+    if rows == 0 or count == 0:
+        return out
+    if exclude is not None:
+        exclude = exclude.to(device=device, dtype=torch.int64)
+    scarce = in_features < 4 * (count + excluded)
+    per_row = in_features if scarce else count + excluded
+    chunk = max(1, _ELEMENT_BUDGET // max(per_row, 1))
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        banned = None if exclude is None else exclude[r0:r1]
+        if scarce:
+            keys = torch.rand(r1 - r0, in_features, generator=generator, device=device)
+            if banned is not None:
+                keys.scatter_(1, banned, 2.0)  # above every key in [0, 1): never among the smallest
+            out[r0:r1] = keys.topk(count, dim=1, largest=False, sorted=False).indices
+            continue
+        sorted_banned = None if banned is None or excluded == 0 else banned.sort(dim=1).values
+        cand = torch.randint(0, in_features, (r1 - r0, count), generator=generator, device=device)
+        while True:
+            bad = _duplicates(cand)
+            if sorted_banned is not None:
+                bad |= _members(cand, sorted_banned)
+            redraw = int(bad.sum())
+            if redraw == 0:
+                break
+            cand[bad] = torch.randint(0, in_features, (redraw,), generator=generator, device=device)
+        out[r0:r1] = cand
+    return out
+
+
+class FixedFanInSparse(nn.Module):
+    """Linear layer with exactly `fan_in` inputs per output, drawn without replacement.
+
+    Parameters `values [C, K]` and `bias [C]`, buffer `indices [C, K]` int32: all three are in the
+    state_dict. Initialised like nn.Linear with fan-in K (uniform in +-1/sqrt(K)), so the output scale
+    does not depend on in_features. `seed` makes indices and initial values reproducible (a private
+    generator; the global RNG is used when it is None). Inputs may have leading batch dimensions.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fan_in: int,
+        bias: bool = True,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= fan_in <= in_features:
+            raise ValueError(f"fan_in must be in 1..in_features={in_features}, got {fan_in}")
+        if out_features < 0:
+            raise ValueError(f"out_features must be >= 0, got {out_features}")
+        self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        indices = draw_fan_in_indices(out_features, in_features, fan_in, generator)
+        bound = 1.0 / math.sqrt(fan_in)
+        values = torch.rand(out_features, fan_in, generator=generator) * (2 * bound) - bound
+        self.register_buffer("indices", indices.to(device=device, dtype=torch.int32))
+        self.values = nn.Parameter(values.to(device=device, dtype=dtype or torch.get_default_dtype()))
+        if bias:
+            b = torch.rand(out_features, generator=generator) * (2 * bound) - bound
+            self.bias = nn.Parameter(b.to(device=device, dtype=dtype or torch.get_default_dtype()))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.in_features)
+        y = ffi_sparse(flat, self.values, self.indices, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent dense weight [C, H] (zeros off the connections); memory C*H, for checks."""
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        return dense.scatter_(1, self.indices.long(), self.values.detach())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
+            f"bias={self.bias is not None}"
+        )
