@@ -312,8 +312,9 @@ class Trainer:
             own = torch.load(path / "head" / f"rank{self.grid.rank:05d}.pt", weights_only=False)
             ckpt.restore_head(self.head, self.head_optimizer, own["head"], own["optimizer"])
             ckpt.set_rng_state(own["rng"])
-            for name, residual in own["residuals"].items():
-                self.exchange.residuals[name].copy_(residual)
+            for name, residual in own["residuals"].items():  # absent after a head change (recovery)
+                if name in self.exchange.residuals:
+                    self.exchange.residuals[name].copy_(residual)
             self.rewire_generator.set_state(own["rewire_generator"])
         else:
             shards = ckpt.load_head_shards(path, meta["model_parallel"])
