@@ -92,21 +92,26 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+_injected_nans = 0
+
+
 def fault_point(rank: int, step: int) -> str | None:
-    """Fault injection for the failure tests: XMC_FAULT_RANK, XMC_FAULT_KIND (raise, kill, nan),
-    XMC_FAULT_STEP (first step affected) and XMC_FAULT_COUNT (steps affected, for nan)."""
+    """Fault injection for the failure tests: XMC_FAULT_RANK, XMC_FAULT_KIND (raise, kill, nan) and
+    XMC_FAULT_STEP (first step affected); for nan, XMC_FAULT_COUNT losses in a row are made NaN."""
+    global _injected_nans
     if os.environ.get("XMC_FAULT_RANK") != str(rank) or "XMC_FAULT_STEP" not in os.environ:
         return None
-    first = int(os.environ["XMC_FAULT_STEP"])
-    count = int(os.environ.get("XMC_FAULT_COUNT", "1"))
-    if not first <= step < first + count:
+    if step < int(os.environ["XMC_FAULT_STEP"]):
         return None
     kind = os.environ.get("XMC_FAULT_KIND", "raise")
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "raise":
         raise RuntimeError(f"injected fault at step {step} (XMC_FAULT_RANK)")
-    return kind
+    if _injected_nans < int(os.environ.get("XMC_FAULT_COUNT", "1")):
+        _injected_nans += 1
+        return kind
+    return None
 
 
 @dataclass
