@@ -25,7 +25,7 @@ training frequency of label l and N the number of training samples; A = 0.55, B 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,8 +56,9 @@ class XMCMetrics:
         A: float = 0.55,
         B: float = 1.5,
     ) -> None:
-        self.num_labels, self.ks = num_labels, tuple(ks)
-        self.inv_prop = 1 / propensities(label_frequencies, num_train, A, B)
+        self.num_labels, self.ks, self.num_train, self.A, self.B = num_labels, tuple(ks), num_train, A, B
+        self.label_frequencies = torch.as_tensor(label_frequencies)
+        self.inv_prop = 1 / propensities(self.label_frequencies, num_train, A, B)
         if self.inv_prop.numel() != num_labels:
             raise ValueError(f"{self.inv_prop.numel()} label frequencies for {num_labels} labels")
         self.discount = 1 / torch.log2(torch.arange(max(self.ks), dtype=torch.float64) + 2)
@@ -119,14 +120,21 @@ class XMCMetrics:
         best[row[keep], pos[keep]] = w[keep]
         return best
 
-    def compute(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-        """Metrics over every sample seen, on every rank of `group` (None: this rank's samples only).
+    def fresh(self) -> XMCMetrics:
+        """An empty accumulator with the same settings."""
+        return XMCMetrics(self.num_labels, self.label_frequencies, self.num_train, self.ks, self.A, self.B)
 
-        Pass a group whose ranks saw disjoint samples (the data-parallel group: the ranks of a
-        model-parallel group share their top-k). The state itself is left unreduced.
+    def compute(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Metrics over every sample the ranks of `group` saw; every rank of it must call this.
+
+        group None means the default (world) group, as in torch.distributed, or this process alone
+        when torch.distributed is not initialised. Every metric is a ratio of totals, so a sample
+        seen by several ranks the same number of times each (e.g. every rank of a model-parallel
+        group counting the group's batch) changes nothing; the usual choice is ranks with disjoint
+        samples. The state itself is left unreduced.
         """
         totals = torch.cat([self.sums.flatten(), self.count.view(1)])
-        if group is not None and dist.get_world_size(group) > 1:
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(totals, group=group)
         sums, count = totals[:-1].view_as(self.sums), totals[-1]
         s = dict(zip(_ROWS, sums, strict=True))
@@ -140,19 +148,17 @@ class XMCMetrics:
 
 
 def popularity_baseline(
-    label_frequencies: torch.Tensor,
-    num_train: int,
-    label_indptr: torch.Tensor,
-    label_indices: torch.Tensor,
-    ks: Sequence[int] = (1, 3, 5),
-    A: float = 0.55,
-    B: float = 1.5,
+    metrics: XMCMetrics, batches: Iterable, group: dist.ProcessGroup | None = None
 ) -> dict[str, float]:
-    """Metrics of predicting the max(ks) most frequent training labels (ties: smaller id) for every sample."""
-    freq = torch.as_tensor(label_frequencies)
-    metrics = XMCMetrics(freq.numel(), freq, num_train, ks, A, B)
-    top = freq.argsort(descending=True, stable=True)[: max(ks)]
-    top = torch.nn.functional.pad(top, (0, max(ks) - top.numel()), value=-1)
-    n = label_indptr.numel() - 1
-    metrics.update(top.expand(n, -1), label_indptr, label_indices)
-    return metrics.compute()
+    """Metrics of predicting the most frequent training labels (ties: smaller id) for every sample.
+
+    The floor any model must beat. `metrics` gives the settings (it is not modified); `batches` yield
+    objects with label_indptr, label_indices and optionally valid; `group` as in `XMCMetrics.compute`.
+    """
+    acc, kmax = metrics.fresh(), max(metrics.ks)
+    top = acc.label_frequencies.argsort(descending=True, stable=True)[:kmax]
+    top = torch.nn.functional.pad(top, (0, kmax - top.numel()), value=-1)
+    for batch in batches:
+        n = batch.label_indptr.numel() - 1
+        acc.update(top.expand(n, -1), batch.label_indptr, batch.label_indices, getattr(batch, "valid", None))
+    return acc.compute(group)
