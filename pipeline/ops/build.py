@@ -56,7 +56,12 @@ def _want_cuda() -> bool:
 
 def _cuda_flags() -> list[str]:
     major, minor = torch.cuda.get_device_capability()
-    return ["-O3", "--use_fast_math", "-std=c++17", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+    return [
+        "-O3",
+        "--use_fast_math",
+        "-std=c++17",
+        f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
+    ]
 
 
 def _check_toolchain() -> None:

@@ -52,16 +52,23 @@ def ffi_sparse(
 
 def _duplicates(candidates: torch.Tensor) -> torch.Tensor:
     """True where a row repeats a value already seen earlier in that row."""
+    width = candidates.shape[1]
+    if width <= 8:  # pairwise is cheaper than a sort for a few columns
+        earlier = torch.ones(width, width, dtype=torch.bool, device=candidates.device).tril_(-1)
+        return ((candidates[:, :, None] == candidates[:, None, :]) & earlier).any(-1)
     ordered, order = candidates.sort(dim=1, stable=True)
     repeated = torch.zeros_like(candidates, dtype=torch.bool)
     repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
     return torch.zeros_like(repeated).scatter_(1, order, repeated)
 
 
-def _members(candidates: torch.Tensor, sorted_sets: torch.Tensor) -> torch.Tensor:
-    """True where candidates[r, i] occurs in row r of sorted_sets (each row sorted ascending)."""
-    pos = torch.searchsorted(sorted_sets, candidates).clamp_(max=sorted_sets.shape[1] - 1)
-    return sorted_sets.gather(1, pos) == candidates
+def _members(candidates: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """True where candidates[r, i] occurs in row r of sets."""
+    if candidates.shape[1] <= 8:
+        return (candidates[:, :, None] == sets[:, None, :]).any(-1)
+    ordered = sets.sort(dim=1).values
+    pos = torch.searchsorted(ordered, candidates).clamp_(max=ordered.shape[1] - 1)
+    return ordered.gather(1, pos) == candidates
 
 
 def draw_fan_in_indices(
@@ -104,16 +111,21 @@ def draw_fan_in_indices(
                 keys.scatter_(1, banned, 2.0)  # above every key in [0, 1): never among the smallest
             out[r0:r1] = keys.topk(count, dim=1, largest=False, sorted=False).indices
             continue
-        sorted_banned = None if banned is None or excluded == 0 else banned.sort(dim=1).values
         cand = torch.randint(0, in_features, (r1 - r0, count), generator=generator, device=device)
+        # Redraw collisions, re-checking only the rows that had one (few after the first round).
+        active = torch.arange(r1 - r0, device=device)
+        sub, sub_banned = cand, banned
         while True:
-            bad = _duplicates(cand)
-            if sorted_banned is not None:
-                bad |= _members(cand, sorted_banned)
-            redraw = int(bad.sum())
-            if redraw == 0:
+            bad = _duplicates(sub)
+            if sub_banned is not None and excluded > 0:
+                bad |= _members(sub, sub_banned)
+            hit = bad.any(dim=1)
+            if not bool(hit.any()):
                 break
-            cand[bad] = torch.randint(0, in_features, (redraw,), generator=generator, device=device)
+            active, sub, bad = active[hit], sub[hit], bad[hit]
+            sub_banned = None if sub_banned is None else sub_banned[hit]
+            sub[bad] = torch.randint(0, in_features, (int(bad.sum()),), generator=generator, device=device)
+            cand[active] = sub
         out[r0:r1] = cand
     return out
 
@@ -164,7 +176,9 @@ class FixedFanInSparse(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight [C, H] (zeros off the connections); memory C*H, for checks."""
-        dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        dense = torch.zeros(
+            self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device
+        )
         return dense.scatter_(1, self.indices.long(), self.values.detach())
 
     def extra_repr(self) -> str:
