@@ -1,0 +1,118 @@
+"""The three conversions: source -> ShardWriter -> folder of shards + manifest.json."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.dense import iter_dense, open_embeddings, scan_labels
+from pipeline.data.errors import DataError
+from pipeline.data.manifest import Manifest
+from pipeline.data.shard_writer import ShardWriter
+from pipeline.data.synthetic import SyntheticTask
+from pipeline.data.xmc_text import XMCTextReader
+
+
+def convert_xmc(
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 10_000,
+    block_size: int = 64,
+    progress: bool = True,
+) -> Manifest:
+    """XMC-repository BoW text file (optionally .gz) -> shards; streams line by line."""
+    with XMCTextReader(input_path) as reader:
+        with ShardWriter(
+            out_dir,
+            feature_kind="bow",
+            num_features=reader.num_features,
+            num_labels=reader.num_labels,
+            shard_size=shard_size,
+            block_size=block_size,
+            source=str(input_path),
+            total=reader.num_samples,
+            progress=progress,
+        ) as writer:
+            for labels, idx, values in reader:
+                writer.add_bow(labels, idx, values)
+            return writer.finish()
+
+
+def convert_dense(
+    embeddings: str | os.PathLike,
+    labels: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    shard_size: int = 10_000,
+    block_size: int = 64,
+    progress: bool = True,
+) -> Manifest:
+    """`.npy` [N, d] float32/float16 + label file -> shards. num_labels defaults to max label id + 1."""
+    emb = open_embeddings(embeddings)
+    lines, top = scan_labels(labels)
+    if lines != emb.shape[0]:
+        raise DataError(
+            f"label file has {lines} lines but {embeddings} has {emb.shape[0]} rows",
+            file=str(labels),
+            line=lines,
+        )
+    if num_labels is None:
+        if top == 0:
+            raise DataError("no label ids in the file: pass num_labels", file=str(labels))
+        num_labels = top
+    with ShardWriter(
+        out_dir,
+        feature_kind="dense",
+        num_features=emb.shape[1],
+        num_labels=num_labels,
+        shard_size=shard_size,
+        block_size=block_size,
+        feature_dtype=str(emb.dtype),
+        source=f"{embeddings} + {labels}",
+        total=emb.shape[0],
+        progress=progress,
+    ) as writer:
+        for rows, label_lists in iter_dense(embeddings, labels, num_labels):
+            label_indptr = np.concatenate([[0], np.cumsum([len(x) for x in label_lists])])
+            writer.add_dense_chunk(rows, label_indptr, np.concatenate(label_lists).astype(np.int64))
+        return writer.finish()
+
+
+def write_synthetic(
+    out_dir: str | os.PathLike,
+    *,
+    num_train: int,
+    num_test: int,
+    num_features: int,
+    num_labels: int,
+    seed: int = 0,
+    shard_size: int = 10_000,
+    block_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Manifest]:
+    """`out_dir/train` and `out_dir/test`, drawn from one SyntheticTask (same distribution)."""
+    task = SyntheticTask(num_features=num_features, num_labels=num_labels, seed=seed)
+    manifests = {}
+    for stream, (split, n) in enumerate((("train", num_train), ("test", num_test))):
+        source = f"synthetic seed={seed} split={split}"
+        with ShardWriter(
+            Path(out_dir) / split,
+            feature_kind="bow",
+            num_features=num_features,
+            num_labels=num_labels,
+            shard_size=shard_size,
+            block_size=block_size,
+            source=source,
+            total=n,
+            progress=progress,
+        ) as writer:
+            for chunk in task.samples(n, stream):
+                writer.add_bow_chunk(
+                    chunk.feat_indptr, chunk.feat_idx, chunk.feat_val, chunk.label_indptr, chunk.labels
+                )
+            manifests[split] = writer.finish()
+    return manifests
