@@ -43,7 +43,11 @@ def recover_dense_head(
     iterate in step (the loss all-reduces over `group`). Over the data-parallel replicas (`dp_group`,
     the ranks holding the same label range) the partial sums and sample counts are summed, so each
     training sample must be seen by exactly one model-parallel group. `lam` is the L2 coefficient of
-    the objective above (it scales W; lam <= 0 is meaningless). `loss` is the training loss kind.
+    the objective above, the one the slim model was trained with ((lam/2)||V||^2 on the mean loss,
+    i.e. plain weight decay lam for SGD); it scales W, and lam <= 0 is meaningless. `loss` is the
+    training loss kind. The recovery is accurate when the logits are moderate: its error grows with
+    the distortion of the projection (about sqrt(rank / k) for data near a low-rank subspace) times
+    how far the duals move with the logits (see tests/test_rp.py for figures).
     """
     if lam <= 0:
         raise ValueError(f"lam must be positive, got {lam}")

@@ -1,0 +1,169 @@
+"""Random-projection head against a dense head: step time, and bytes per step of the gradient exchange.
+
+Step = forward of the head, the softmax loss (`distributed_loss`, as in training), backward (with the
+gradient of the embeddings the backbone would need) and an Adam step of the head, at C labels and
+one batch; medians over repeats after warm-up, both heads interleaved in the same run so that load
+from other processes hits both alike. The softmax over the [batch, C] logits and its backward cost
+the same for both heads; it is also timed alone (forward + backward on [batch, C] logits), which
+bounds the attainable ratio (Amdahl) however slim the classifier, and shows the ratio of the rest.
+The RP head multiplies in the cheap order, (h R) V^T: batch*d*k + batch*k*C multiply-adds.
+
+Bytes: one step of the Horovod exchange (`GradientExchange`) of the RP head's gradients per
+compression mode, counted by its own accounting. With a single process Horovod has one replica, so
+the exchange is driven through `GradientExchange.average`, which runs the same collectives
+(allreduce/allgather over a process set of one) and counts the same payload a replica would send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pipeline.models.heads.dense import DenseHead
+from pipeline.models.heads.rp import RPHead
+from pipeline.parallel.label_range import split_labels
+from pipeline.parallel.losses import distributed_loss
+
+PHASES = ("head_forward", "loss_forward", "backward", "optimizer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", type=int, default=200_000, help="number of labels C")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=64, help="projected dimension k of the RP head")
+    parser.add_argument("--embed", type=int, default=512, help="embedding dimension d")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per head, after 2 warm-up")
+    parser.add_argument("--labels-per-sample", type=int, default=5)
+    parser.add_argument("--topk-fraction", type=float, default=0.01)
+
+
+class StepTimer:
+    """One head, its Adam optimizer and the batch; `step()` returns the seconds of each phase."""
+
+    def __init__(self, head: torch.nn.Module, batch: tuple) -> None:
+        self.head, self.batch = head, batch
+        # fused Adam, for both heads: on CPU about 7x faster than the default multi-tensor one
+        self.optimizer = torch.optim.Adam(head.parameters(), lr=1e-3, fused=True)
+
+    def step(self) -> dict[str, float]:
+        h, indptr, indices, valid = self.batch
+        times = {}
+        t0 = time.perf_counter()
+        logits = self.head(h)
+        t1 = time.perf_counter()
+        loss = distributed_loss("softmax", logits, indptr, indices, self.head.label_range, valid, None)
+        t2 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        h.grad = None
+        loss.backward()
+        t3 = time.perf_counter()
+        self.optimizer.step()
+        t4 = time.perf_counter()
+        times.update(head_forward=t1 - t0, loss_forward=t2 - t1, backward=t3 - t2, optimizer=t4 - t3)
+        times["total"] = t4 - t0
+        return times
+
+
+def time_loss_alone(batch: tuple, num_labels: int) -> float:
+    """Seconds of the softmax loss forward + backward on [batch, C] logits: the part both heads share."""
+    h, indptr, indices, valid = batch
+    logits = torch.randn(h.shape[0], num_labels).requires_grad_()
+    t0 = time.perf_counter()
+    loss = distributed_loss("softmax", logits, indptr, indices, split_labels(num_labels, 1, 0), valid, None)
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def make_batch(args: argparse.Namespace) -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(args.batch, args.embed, generator=gen).requires_grad_()
+    indices = torch.randint(0, args.labels, (args.batch * args.labels_per_sample,), generator=gen)
+    indptr = torch.arange(0, indices.numel() + 1, args.labels_per_sample)
+    return h, indptr, indices, torch.ones(args.batch, dtype=torch.bool)
+
+
+def time_heads(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    label_range = split_labels(args.labels, 1, 0)
+    batch = make_batch(args)
+    timers = {
+        "dense": StepTimer(DenseHead(args.embed, label_range), batch),
+        "rp": StepTimer(RPHead(args.embed, label_range, args.dim, seed=0), batch),
+    }
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in (*timers, "loss")}
+    for repeat in range(2 + args.repeats):
+        for name, timer in timers.items():
+            times = timer.step()
+            if repeat >= 2:
+                samples[name].append(times)
+        loss_time = time_loss_alone(batch, args.labels)
+        if repeat >= 2:
+            samples["loss"].append({"total": loss_time})
+    return {
+        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+        for name, runs in samples.items()
+    }
+
+
+def exchange_bytes(args: argparse.Namespace) -> dict[str, int]:
+    import horovod.torch as hvd
+
+    from pipeline.parallel.gradient_exchange import GradientExchange
+
+    if not hvd.is_initialized():
+        hvd.init()
+    head = RPHead(args.embed, split_labels(args.labels, 1, 0), args.dim, seed=0)
+    h, indptr, indices, valid = make_batch(args)
+    distributed_loss("softmax", head(h), indptr, indices, head.label_range, valid, None).backward()
+    sent = {}
+    for mode in ("none", "fp16", "bf16", "topk"):
+        exchange = GradientExchange(
+            head.named_parameters(), hvd.global_process_set, mode, topk_fraction=args.topk_fraction
+        )
+        exchange.step_bytes = 0
+        for name, p in exchange.params:
+            exchange.average(name, p.grad)
+        sent[mode] = exchange.step_bytes
+    return sent
+
+
+def run(args: argparse.Namespace) -> dict:
+    print(
+        f"C={args.labels} batch={args.batch} d={args.embed} k={args.dim} threads={torch.get_num_threads()}, "
+        f"median of {args.repeats} steps after 2 warm-up"
+    )
+    medians = time_heads(args)
+    dense, rp, loss = medians["dense"], medians["rp"], medians["loss"]["total"]
+    for name, m in (("dense", dense), ("rp", rp)):
+        phases = "  ".join(f"{p} {1e3 * m[p]:7.1f}" for p in PHASES)
+        print(f"{name:>5} step {1e3 * m['total']:8.1f} ms   ({phases} ms)")
+    ratio = dense["total"] / rp["total"]
+    print(f"speed-up of the RP step: {ratio:.2f}x (target >= 6x at d/k = {args.embed / args.dim:g})")
+    # what is left of a step without the softmax over [batch, C] (forward + backward, timed alone)
+    own = {"dense": dense["total"] - loss, "rp": rp["total"] - loss}
+    print(
+        f"softmax loss fwd+bwd alone {1e3 * loss:.1f} ms = {100 * loss / rp['total']:.0f}% of the RP step; "
+        f"without it: dense {1e3 * own['dense']:.1f} ms, rp {1e3 * own['rp']:.1f} ms, "
+        f"{own['dense'] / own['rp']:.2f}x"
+    )
+
+    sent = exchange_bytes(args)
+    for mode, n in sent.items():
+        print(f"exchange {mode:>4}: {n:>12,d} bytes/step  ({sent['none'] / n:6.1f}x fewer than none)")
+    return {
+        "labels": args.labels,
+        "batch": args.batch,
+        "embed": args.embed,
+        "dim": args.dim,
+        "threads": torch.get_num_threads(),
+        "dense_step_ms": 1e3 * dense["total"],
+        "rp_step_ms": 1e3 * rp["total"],
+        "speedup": ratio,
+        "softmax_loss_ms": 1e3 * loss,
+        "speedup_without_loss": own["dense"] / own["rp"],
+        "phases_ms": {name: {p: 1e3 * m[p] for p in PHASES} for name, m in (("dense", dense), ("rp", rp))},
+        "exchange_bytes": sent,
+        "topk_reduction": sent["none"] / sent["topk"],
+    }
