@@ -1,0 +1,393 @@
+"""FFI sparse layer: fwd+bwd time and memory against nn.Linear and torch CSR, 670K-label scale, threads.
+
+Figures (medians over --repeats after one warm-up; every method runs forward and backward with
+gradients for the inputs, the weights and the bias, as in training):
+- comparison at each (batch, hidden, labels, fan-in): the FFI layer (torch.ops.xmc kernels), the same
+  weights as a dense nn.Linear (checked equal to the FFI outputs), and as a torch.sparse CSR matrix
+  with autograd over its values (`torch.sparse.mm(W_csr, x^T)^T`); ratios against the FFI layer;
+  bytes of weights + grads + Adam moments for each (index arrays counted with the weights).
+- the FFI layer alone at the paper's scale (670,091 labels, H = 65,536, K = 32), per kernel.
+- CPU: thread scaling of the FFI kernels (torch.set_num_threads also sets the kernels' threads).
+- CUDA: per-kernel bandwidth from the minimal traffic, with e the element size in bytes:
+  forward x + W + I + b + y = e*N*H + (e+4)*C*K + e*C + e*N*C; dx: dy + W + I + dx =
+  e*N*C + (e+4)*C*K + e*N*H; dW: dy + x + I + dW = e*N*C + e*N*H + (e+4)*C*K (each read or written
+  once); peak memory of each method; the paper's dense baseline nn.Linear(768, 670091).
+The plain-PyTorch references are here (dense, CSR): the check that the kernels compute the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.ops import FixedFanInSparse, load_ops  # noqa: E402
+
+# Measured on the 2-core development machine when the task was filed (issue 4).
+warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks)")
+
+REFERENCE = {"dense_fwd_bwd_s": 2.3, "csr_forward_s": 0.11, "threads": 2, "shape": [256, 2048, 65536, 32]}
+SCALE = {"labels": 670_091, "hidden": 65_536, "fan_in": 32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 256)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="input widths H (default 2048)")
+    parser.add_argument("--labels", type=int, nargs="+", default=None, help="outputs C (default 65536)")
+    parser.add_argument("--fan-in", type=int, nargs="+", default=None, help="fan-ins K (default 32)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
+    parser.add_argument(
+        "--scale-batch", type=int, default=None, help="batch at 670K labels (default 64 on cpu, 256 on cuda)"
+    )
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to scale over"
+    )
+    parser.add_argument("--skip-scale", action="store_true", help="leave out the 670K-label runs")
+    parser.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of fn over `repeats` runs after one warm-up (CUDA: events on the current stream)."""
+    fn()
+    _sync(device)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak CUDA memory allocated while fn runs (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def fwd_bwd(forward: Callable[[], torch.Tensor], grad: torch.Tensor, params: list[torch.Tensor]):
+    """One training-style pass: forward, backward with a fixed upstream gradient, gradients dropped."""
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        forward().backward(grad)
+
+    return step
+
+
+# ---------------------------------------------------------------- the three layers
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def memory_figures(weights: int, trainable: int) -> dict:
+    """weights: bytes of everything stored (incl. indices); trainable: bytes of trained float32 values;
+    grads take as much as the trained values, Adam two moments of the same size."""
+    return {"weights": weights, "grads": trainable, "adam": 2 * trainable, "total": weights + 3 * trainable}
+
+
+class CsrLayer:
+    """The FFI connectivity as a torch.sparse CSR matrix [C, H], autograd over its values."""
+
+    def __init__(self, layer: FixedFanInSparse) -> None:
+        order = layer.indices.long().sort(dim=1)
+        c, k = layer.indices.shape
+        self.col = order.values.reshape(-1).contiguous()
+        self.crow = torch.arange(0, c * k + 1, k, device=self.col.device)
+        self.values = layer.values.detach().gather(1, order.indices).reshape(-1).clone().requires_grad_(True)
+        self.bias = layer.bias.detach().clone().requires_grad_(True)
+        self.shape = (c, layer.in_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.sparse_csr_tensor(self.crow, self.col, self.values, size=self.shape)
+        return torch.sparse.mm(weight, x.t()).t() + self.bias
+
+    def memory(self) -> dict:
+        return memory_figures(
+            _nbytes(self.col, self.crow, self.values, self.bias), _nbytes(self.values, self.bias)
+        )
+
+
+def ffi_memory(layer: FixedFanInSparse) -> dict:
+    return memory_figures(_nbytes(layer.values, layer.indices, layer.bias), _nbytes(layer.values, layer.bias))
+
+
+def kernel_times(layer: FixedFanInSparse, x: torch.Tensor, dy: torch.Tensor, repeats: int) -> dict:
+    """Seconds of each kernel called directly, and (CUDA) GB/s against its minimal traffic."""
+    v, i, b, dev = layer.values.detach(), layer.indices, layer.bias.detach(), x.device
+    n, h = x.shape
+    c, k = v.shape
+    e = x.element_size()
+    traffic = {
+        "forward": e * n * h + (e + 4) * c * k + e * c + e * n * c,
+        "backward_input": e * n * c + (e + 4) * c * k + e * n * h,
+        "backward_weight": e * n * c + e * n * h + (e + 4) * c * k,
+    }
+    calls = {
+        "forward": lambda: torch.ops.xmc.ffi_forward(x, v, i, b),
+        "backward_input": lambda: torch.ops.xmc.ffi_backward_input(dy, v, i, h),
+        "backward_weight": lambda: torch.ops.xmc.ffi_backward_weight(dy, x, i),
+    }
+    out = {}
+    for name, call in calls.items():
+        seconds = timed(call, repeats, dev)
+        out[name] = {"s": seconds}
+        if dev.type == "cuda":
+            out[name]["bytes"] = traffic[name]
+            out[name]["GB_per_s"] = traffic[name] / seconds / 1e9
+    return out
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+# ---------------------------------------------------------------- suites
+
+
+def compare(batch: int, hidden: int, labels: int, fan_in: int, repeats: int, device: torch.device) -> dict:
+    """FFI vs dense vs CSR at one shape, same weights, same inputs."""
+    g = torch.Generator().manual_seed(0)
+    layer = FixedFanInSparse(hidden, labels, fan_in, seed=1).to(device)
+    x = torch.randn(batch, hidden, generator=g).to(device).requires_grad_(True)
+    dy = torch.randn(batch, labels, generator=g).to(device)
+    result = {"batch": batch, "hidden": hidden, "labels": labels, "fan_in": fan_in}
+
+    ffi_step = fwd_bwd(lambda: layer(x), dy, [x, layer.values, layer.bias])
+    ffi_fwd = timed(
+        lambda: torch.ops.xmc.ffi_forward(
+            x.detach(), layer.values.detach(), layer.indices, layer.bias.detach()
+        ),
+        repeats,
+        device,
+    )
+    result["ffi"] = {
+        "fwd_bwd_s": timed(ffi_step, repeats, device),
+        "fwd_s": ffi_fwd,
+        "kernels": kernel_times(layer, x.detach(), dy, repeats),
+        "memory_bytes": ffi_memory(layer),
+        "peak_bytes": peak_bytes(ffi_step, device),
+    }
+    print(
+        f"[{batch}x{hidden} -> {labels}, K={fan_in}] ffi   fwd+bwd {result['ffi']['fwd_bwd_s']:.4f} s  "
+        f"fwd {ffi_fwd:.4f} s  memory {_fmt_bytes(result['ffi']['memory_bytes']['total'])}",
+        flush=True,
+    )
+
+    with torch.no_grad():
+        y_ffi = layer(x).double()
+    dense = nn.Linear(hidden, labels).to(device)
+    with torch.no_grad():
+        dense.weight.copy_(layer.to_dense())
+        dense.bias.copy_(layer.bias)
+        y_dense = dense(x).double()
+    scale = y_dense.abs().max().item()
+    result["max_rel_error_vs_dense"] = (y_ffi - y_dense).abs().max().item() / scale
+    dense_step = fwd_bwd(lambda: dense(x), dy, [x, dense.weight, dense.bias])
+    result["dense"] = {
+        "fwd_bwd_s": timed(dense_step, repeats, device),
+        "memory_bytes": memory_figures(_nbytes(dense.weight, dense.bias), _nbytes(dense.weight, dense.bias)),
+        "peak_bytes": peak_bytes(dense_step, device),
+    }
+    print(
+        f"    dense fwd+bwd {result['dense']['fwd_bwd_s']:.4f} s  memory "
+        f"{_fmt_bytes(result['dense']['memory_bytes']['total'])}  (FFI equals it to "
+        f"{result['max_rel_error_vs_dense']:.1e} relative)",
+        flush=True,
+    )
+
+    csr = CsrLayer(layer)
+    with torch.no_grad():
+        result["max_rel_error_csr_vs_ffi"] = (csr(x).double() - y_ffi).abs().max().item() / scale
+    csr_step = fwd_bwd(lambda: csr(x), dy, [x, csr.values, csr.bias])
+    with torch.no_grad():
+        csr_fwd = timed(lambda: csr(x), repeats, device)
+    result["csr"] = {
+        "fwd_bwd_s": timed(csr_step, repeats, device),
+        "fwd_s": csr_fwd,
+        "memory_bytes": csr.memory(),
+        "peak_bytes": peak_bytes(csr_step, device),
+        "how": "sparse.mm(sparse_csr_tensor(crow, col, values), x.t()).t() + bias, autograd over values",
+    }
+    print(
+        f"    csr   fwd+bwd {result['csr']['fwd_bwd_s']:.4f} s  fwd {csr_fwd:.4f} s  memory "
+        f"{_fmt_bytes(result['csr']['memory_bytes']['total'])}",
+        flush=True,
+    )
+
+    f = result["ffi"]
+    result["ratios"] = {
+        "dense_over_ffi_fwd_bwd": result["dense"]["fwd_bwd_s"] / f["fwd_bwd_s"],
+        "csr_over_ffi_fwd_bwd": result["csr"]["fwd_bwd_s"] / f["fwd_bwd_s"],
+        "csr_over_ffi_fwd": csr_fwd / f["fwd_s"],
+        "dense_over_ffi_memory": result["dense"]["memory_bytes"]["total"] / f["memory_bytes"]["total"],
+        "csr_over_ffi_memory": result["csr"]["memory_bytes"]["total"] / f["memory_bytes"]["total"],
+    }
+    r = result["ratios"]
+    print(
+        f"    FFI is {r['dense_over_ffi_fwd_bwd']:.1f}x faster than dense, "
+        f"{r['csr_over_ffi_fwd_bwd']:.1f}x than CSR (forward {r['csr_over_ffi_fwd']:.1f}x); memory "
+        f"{r['dense_over_ffi_memory']:.1f}x less than dense, {r['csr_over_ffi_memory']:.2f}x less than CSR",
+        flush=True,
+    )
+    return result
+
+
+def at_scale(batch: int, repeats: int, device: torch.device) -> dict:
+    """The FFI layer alone at 670K labels (and, on CUDA, the paper's dense baseline and CSR)."""
+    labels, hidden, fan_in = SCALE["labels"], SCALE["hidden"], SCALE["fan_in"]
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    layer = FixedFanInSparse(hidden, labels, fan_in, seed=1).to(device)
+    init_s = time.perf_counter() - t0
+    x = torch.randn(batch, hidden, generator=g).to(device).requires_grad_(True)
+    dy = torch.randn(batch, labels, generator=g).to(device)
+    step = fwd_bwd(lambda: layer(x), dy, [x, layer.values, layer.bias])
+    result = {
+        "batch": batch,
+        "hidden": hidden,
+        "labels": labels,
+        "fan_in": fan_in,
+        "init_s": init_s,
+        "ffi": {
+            "fwd_bwd_s": timed(step, repeats, device),
+            "kernels": kernel_times(layer, x.detach(), dy, repeats),
+            "memory_bytes": ffi_memory(layer),
+            "peak_bytes": peak_bytes(step, device),
+        },
+    }
+    print(
+        f"[{batch}x{hidden} -> {labels}, K={fan_in}] ffi fwd+bwd {result['ffi']['fwd_bwd_s']:.4f} s  memory "
+        f"{_fmt_bytes(result['ffi']['memory_bytes']['total'])}  (layer built in {init_s:.1f} s)",
+        flush=True,
+    )
+    if device.type == "cuda":
+        csr = CsrLayer(layer)
+        csr_step = fwd_bwd(lambda: csr(x), dy, [x, csr.values, csr.bias])
+        result["csr"] = {
+            "fwd_bwd_s": timed(csr_step, repeats, device),
+            "memory_bytes": csr.memory(),
+            "peak_bytes": peak_bytes(csr_step, device),
+        }
+        del csr, csr_step
+        embed = 768
+        dense = nn.Linear(embed, labels).to(device)
+        e = torch.randn(batch, embed, device=device, requires_grad=True)
+        dense_step = fwd_bwd(lambda: dense(e), dy, [e, dense.weight, dense.bias])
+        result["dense_768"] = {
+            "fwd_bwd_s": timed(dense_step, repeats, device),
+            "memory_bytes": memory_figures(
+                _nbytes(dense.weight, dense.bias), _nbytes(dense.weight, dense.bias)
+            ),
+            "peak_bytes": peak_bytes(dense_step, device),
+        }
+        print(
+            f"    csr fwd+bwd {result['csr']['fwd_bwd_s']:.4f} s; dense nn.Linear(768, {labels}) fwd+bwd "
+            f"{result['dense_768']['fwd_bwd_s']:.4f} s, memory "
+            f"{_fmt_bytes(result['dense_768']['memory_bytes']['total'])}",
+            flush=True,
+        )
+    return result
+
+
+def thread_scaling(
+    batch: int, hidden: int, labels: int, fan_in: int, threads: list[int], repeats: int
+) -> dict:
+    """FFI fwd+bwd and per-kernel seconds at each CPU thread count."""
+    g = torch.Generator().manual_seed(0)
+    layer = FixedFanInSparse(hidden, labels, fan_in, seed=1)
+    x = torch.randn(batch, hidden, generator=g).requires_grad_(True)
+    dy = torch.randn(batch, labels, generator=g)
+    step = fwd_bwd(lambda: layer(x), dy, [x, layer.values, layer.bias])
+    previous = torch.get_num_threads()
+    out = {}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            out[str(t)] = {
+                "fwd_bwd_s": timed(step, repeats, x.device),
+                "kernels": kernel_times(layer, x.detach(), dy, repeats),
+            }
+            k = out[str(t)]["kernels"]
+            print(
+                f"threads {t}: ffi fwd+bwd {out[str(t)]['fwd_bwd_s']:.4f} s (fwd {k['forward']['s']:.4f}, "
+                f"dx {k['backward_input']['s']:.4f}, dW {k['backward_weight']['s']:.4f})",
+                flush=True,
+            )
+    finally:
+        torch.set_num_threads(previous)
+    first, last = out[str(threads[0])]["fwd_bwd_s"], out[str(threads[-1])]["fwd_bwd_s"]
+    return {"shape": [batch, hidden, labels, fan_in], "per_threads": out, "speedup": first / last}
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible")
+    load_ops()
+    quick = args.quick
+    repeats = args.repeats or (2 if quick else 5)
+    batches = args.batch or [64 if quick else 256]
+    hiddens = args.hidden or [1024 if quick else 2048]
+    labels = args.labels or [8192 if quick else 65536]
+    fan_ins = args.fan_in or [32]
+    threads = torch.get_num_threads()
+    print(f"device {device}, {threads} threads, repeats {repeats}", flush=True)
+    figures: dict = {"device": str(device), "threads": threads, "repeats": repeats, "reference": REFERENCE}
+    if device.type == "cuda":
+        figures["gpu"] = torch.cuda.get_device_name(device)
+    figures["compare"] = [
+        compare(b, h, c, k, repeats, device)
+        for b, h, c, k in itertools.product(batches, hiddens, labels, fan_ins)
+    ]
+    if not args.skip_scale and not quick:
+        scale_batch = args.scale_batch or (64 if device.type == "cpu" else 256)
+        figures["scale"] = at_scale(scale_batch, max(2, repeats // 2), device)
+    if device.type == "cpu":
+        figures["thread_scaling"] = thread_scaling(
+            batches[0], hiddens[0], labels[0], fan_ins[0], args.threads, repeats
+        )
+    first = figures["compare"][0]
+    if [first["batch"], first["hidden"], first["labels"], first["fan_in"]] == REFERENCE["shape"]:
+        figures["targets"] = {
+            "ffi_10x_faster_than_dense": first["ratios"]["dense_over_ffi_fwd_bwd"] >= 10,
+            "ffi_forward_at_least_as_fast_as_csr": first["ratios"]["csr_over_ffi_fwd"] >= 1,
+            "dense_vs_reference": first["dense"]["fwd_bwd_s"] / REFERENCE["dense_fwd_bwd_s"],
+            "csr_forward_vs_reference": first["csr"]["fwd_s"] / REFERENCE["csr_forward_s"],
+        }
+        print(f"targets: {figures['targets']}", flush=True)
+    return figures
