@@ -15,6 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# Tensor reduce-scatter (renamed in torch 2.13). gloo implements it as all-reduce + own chunk: twice
+# nccl's traffic, but exact and available on both backends.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def group_size(group: dist.ProcessGroup | None) -> int:
     """Size of the group; None (no model parallelism) counts as a group of one."""
@@ -27,22 +31,16 @@ class _GatherEmbeddings(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         size = dist.get_world_size(group)
-        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), h.shape[0]
+        ctx.group, ctx.rows = group, h.shape[0]
         parts = [torch.empty_like(h) for _ in range(size)]
         dist.all_gather(parts, h.contiguous(), group=group)
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
-            own = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(own, grad, group=ctx.group)
-            return own, None
-        # gloo has no reduce-scatter: all-reduce the whole gradient and keep our rows (twice the traffic).
-        total = grad.clone()
-        dist.all_reduce(total, group=ctx.group)
-        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+        own = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        _reduce_scatter(own, grad.contiguous(), group=ctx.group)
+        return own, None
 
 
 def gather_embeddings(h: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
