@@ -102,7 +102,8 @@ def distributed_loss(
     """Mean per valid sample of the `kind` loss over all labels of the group (see the module docstring).
 
     logits_local [N, label_range.size]; label_indptr [N + 1] and label_indices (int64, global ids) of
-    the same N samples, identical on every rank of the group; valid [N] bool. Returns a float32 scalar.
+    the same N samples, identical on every rank of the group; valid [N] bool (labels and mask may live
+    on another device than the logits). Returns a float32 scalar.
     """
     if logits_local.shape != (valid.numel(), label_range.size) or label_indptr.numel() != valid.numel() + 1:
         raise ValueError(
@@ -110,7 +111,8 @@ def distributed_loss(
             f"{valid.numel()} valid flags do not fit {label_range.size} local labels"
         )
     z = logits_local.float()
-    y = local_targets(label_indptr, label_indices, label_range, z.dtype)
+    indptr, indices, valid = (t.to(z.device) for t in (label_indptr, label_indices, valid))
+    y = local_targets(indptr, indices, label_range, z.dtype)
     weight = valid.to(z.dtype) / valid.sum().clamp(min=1)
     if kind == "softmax":
         return _SoftmaxCrossEntropy.apply(z, y, weight, group)

@@ -72,7 +72,9 @@ class XMCMetrics:
         label_indices: torch.Tensor,
         valid: torch.Tensor | None = None,
     ) -> None:
-        """topk_ids [N, >= max(ks)] global ids in rank order (-1 = none); truths as CSR over the N rows."""
+        """topk_ids [N, >= max(ks)] global ids in rank order (-1 = none); truths as CSR over the N rows.
+        Inputs may live on any device; the accumulation runs on the CPU."""
+        topk_ids, label_indptr, label_indices = (t.cpu() for t in (topk_ids, label_indptr, label_indices))
         n, kmax = topk_ids.shape[0], max(self.ks)
         if topk_ids.shape[1] < kmax:
             raise ValueError(f"{topk_ids.shape[1]} predictions per sample, need {kmax}")
@@ -88,7 +90,7 @@ class XMCMetrics:
         best = self._best_ps(t_row, self.inv_prop[t_label], n, kmax)
 
         cum_d = self.discount.cumsum(0)
-        valid = torch.ones(n, dtype=torch.bool) if valid is None else valid.bool()
+        valid = torch.ones(n, dtype=torch.bool) if valid is None else valid.bool().cpu()
         for i, k in enumerate(self.ks):
             idcg = cum_d[(num_true.clamp(1, k) - 1).long()]
             d = self.discount[:k]
