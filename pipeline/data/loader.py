@@ -137,12 +137,15 @@ class ShardLoader:
                 )
             )
         count = 0
-        for item in source:
-            if isinstance(item, _Failure):
-                raise item.error
-            self.skipped += item.skipped
-            count += 1
-            yield item
+        try:
+            for item in source:
+                if isinstance(item, _Failure):
+                    raise item.error
+                self.skipped += item.skipped
+                count += 1
+                yield item
+        finally:
+            del source  # stop the workers now, not whenever a traceback holding this frame is collected
         if self.skipped:
             log.warning("rank %d epoch %d: skipped %d bad samples", self.rank, self.epoch, self.skipped)
         if count != len(self):

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import tar_file_expander
 
 from pipeline.data import record
 from pipeline.data.collate import Sample
@@ -48,13 +48,13 @@ class SegmentReader:
         stream = None
         try:
             stream = wds.gopen(url, "rb")
-            members = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-            for member in members:
-                key = member["__key__"]
-                data = member.get(record.EXTENSION)
-                if data is None:
+            # one member per block, so no grouping by key is needed (and none of its one-member lag)
+            for member in tar_file_expander([{"url": url, "stream": stream}], eof_value=None):
+                key, _, ext = member["fname"].rpartition("/")[2].partition(".")
+                data = member["data"]
+                if ext != record.EXTENSION:
                     raise DataError(
-                        f"no .{record.EXTENSION} member (has {sorted(member)})", shard=url, key=key
+                        f"unexpected member {member['fname']!r} (not .{record.EXTENSION})", shard=url, key=key
                     )
                 try:
                     _kind, n, block_id = record.read_header(data)
@@ -89,7 +89,7 @@ class SegmentReader:
             error = DataError(
                 f"unreadable shard ({type(exn).__name__}: {detail})",
                 shard=url,
-                key=key or "(before the first key)",
+                key=f"after {key}" if key else "(before the first key)",
             )
             self._bad(error, max(0, seg.stop - max(offset, seg.start)))
         finally:

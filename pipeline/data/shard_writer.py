@@ -217,7 +217,7 @@ class ShardWriter:
         name = SHARD_PATTERN.format(len(self.shards))
         self._tmp = self.out / f".{name}.tmp"
         self._file = _HashingFile(self._tmp)
-        self._tar = wds.TarWriter(self._file, mtime=0.0, user="xmc", group="xmc")
+        self._tar = wds.TarWriter(self._file, mtime=0, user="xmc", group="xmc")
         self._in_shard = 0
 
     def _close_shard(self) -> None:

@@ -130,7 +130,8 @@ class XMCTextReader:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_features):
             bad = idx[(idx < 0) | (idx >= self.num_features)][0]
             raise fail(f"feature index {int(bad)} not in [0, {self.num_features})")
-        values32 = values.astype(np.float32)
+        with np.errstate(over="ignore"):  # too big for float32 becomes inf, reported below
+            values32 = values.astype(np.float32)
         if not np.isfinite(values32).all():
             raise fail(f"feature value {values[~np.isfinite(values32)][0]} is not a finite float32")
         return labels, idx.astype(np.int64), values32
