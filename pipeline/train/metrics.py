@@ -15,10 +15,11 @@ for a sample with label set y (duplicates count once), predictions p_1..p_k in r
 
 P, R and nDCG are means over all valid samples; a sample with no labels counts with 0 everywhere (and
 adds 0 to both totals of the PS metrics). Padding samples (valid=False) are ignored. Prediction ids -1
-(fewer labels than k) never hit. Sums are float64; `compute(group)` all-reduces sums and counts, so the
-result equals a single-process pass over the union of the ranks' samples.
+(fewer labels than k) never hit. Sums are float64; `compute(group)` all-reduces sums and counts (group
+None: the default group, as in torch.distributed), so the result equals a single-process pass over the
+union of the ranks' samples.
 
-Propensities (Jain et al. 2016): prop_l = 1 / (1 + C (N_l + B)^(-A)), C = (log N - 1)(B + 1)^A, N_l the
+Propensities (Jain et al. 2016): prop_l = 1 / (1 + C (N_l + B)^(-A)), C = (ln N - 1)(B + 1)^A, N_l the
 training frequency of label l and N the number of training samples; A = 0.55, B = 1.5 by default.
 """
 
