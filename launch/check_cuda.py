@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""GPU checks of the FFI CUDA kernels: `python3 launch/check_cuda.py [--skip-train] [--skip-perf]`.
+
+1. correctness: torch.ops.xmc on CUDA against a float64 gather/scatter reference and against the CPU
+   ops, values and both gradients, float32 (1e-5 of the largest magnitude) and bfloat16 (1e-2),
+   each dx mode (XMC_FFI_DX=atomic|csc, read by the launcher at every call), odd shapes (N = 1, K = 1,
+   K = H, odd C and H, several batch tiles, a tiny L2 budget that forces many tiles); the autograd
+   module end to end; rewiring on GPU tensors.
+2. a 670K-label training step: embedding 768 -> dropout -> Linear(768, 65536) + ReLU ->
+   FixedFanInSparse(65536, 670091, 32) -> squared hinge, Adam, batch 128: loss finite and falling
+   over 20 steps on one batch, peak memory (target <= 2 GB; paper 1.74 GB), step time.
+3. kernel timings at 670K labels, H 65,536, K 32/64, batch 128/512, both dx modes: seconds, GB/s of
+   the minimal traffic against the card's peak, and fwd+bwd against dense nn.Linear(768, 670091).
+
+One line per case; the last line is one JSON object; exit status 1 on any failure. Imports only
+torch and pipeline.ops / pipeline.models.heads.ffi (the GPU machines lack the training stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.models.heads.ffi import FFIHead  # noqa: E402
+from pipeline.ops import FixedFanInSparse, draw_fan_in_indices, load_ops, rewire  # noqa: E402
+from pipeline.parallel.label_range import LabelRange  # noqa: E402
+
+MODES = ("atomic", "csc")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# Published peak memory bandwidth (bytes/s) by card name, when the driver does not give clock and bus.
+PEAK_BW = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
+
+failures: list[str] = []
+
+
+def report(ok: bool, line: str) -> None:
+    print(("ok    " if ok else "FAIL  ") + line, flush=True)
+    if not ok:
+        failures.append(line)
+
+
+def set_mode(mode: str) -> None:
+    os.environ["XMC_FFI_DX"] = mode
+
+
+# ---------------------------------------------------------------- references (float64, chunked)
+
+
+def ref_forward(x, w, idx, b, chunk=1024):
+    x, w = x.double(), w.double()
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64, device=x.device)
+    for c0 in range(0, w.shape[0], chunk):
+        i = idx[c0 : c0 + chunk].long()
+        out[:, c0 : c0 + chunk] = (x[:, i] * w[c0 : c0 + chunk]).sum(-1)
+    return out if b is None else out + b.double()
+
+
+def ref_backward_input(dy, w, idx, h, chunk=1024):
+    dy, w = dy.double(), w.double()
+    dx = torch.zeros(dy.shape[0], h, dtype=torch.float64, device=dy.device)
+    for c0 in range(0, w.shape[0], chunk):
+        i = idx[c0 : c0 + chunk].long().reshape(-1)
+        contrib = (dy[:, c0 : c0 + chunk, None] * w[c0 : c0 + chunk]).reshape(dy.shape[0], -1)
+        dx.index_add_(1, i, contrib)
+    return dx
+
+
+def ref_backward_weight(dy, x, idx, chunk=1024):
+    dy, x = dy.double(), x.double()
+    dw = torch.empty(idx.shape, dtype=torch.float64, device=dy.device)
+    for c0 in range(0, idx.shape[0], chunk):
+        i = idx[c0 : c0 + chunk].long()
+        dw[c0 : c0 + chunk] = (dy[:, c0 : c0 + chunk, None] * x[:, i]).sum(0)
+    return dw
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest deviation relative to the largest reference magnitude (inf on NaN or shape mismatch)."""
+    if got.shape != ref.shape:
+        return math.inf
+    diff = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    if math.isnan(diff):
+        return math.inf
+    return diff / max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
+
+
+# ---------------------------------------------------------------- 1. correctness
+
+
+def random_indices(c: int, h: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return draw_fan_in_indices(c, h, k, gen).to(torch.int32)
+
+
+def check_case(n: int, h: int, c: int, k: int, bias: bool, dtype: torch.dtype, budget_mb: str | None) -> None:
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(n * 1_000_003 + h * 1009 + c * 31 + k)
+    x = torch.randn(n, h, generator=gen).to(dtype)
+    w = torch.randn(c, k, generator=gen).to(dtype)
+    b = torch.randn(c, generator=gen).to(dtype) if bias else None
+    dy = torch.randn(n, c, generator=gen).to(dtype)
+    idx = random_indices(c, h, k, gen)
+    xg, wg, bg, dyg, ig = (t.to(dev) if t is not None else None for t in (x, w, b, dy, idx))
+    tol = TOL[dtype]
+    name = f"N={n} H={h} C={c} K={k} bias={int(bias)} {str(dtype)[6:]}" + (
+        f" l2_budget={budget_mb}MB" if budget_mb else ""
+    )
+    if budget_mb:
+        os.environ["XMC_FFI_L2_BUDGET_MB"] = budget_mb
+    try:
+        ref_y = ref_forward(xg, wg, ig, bg)
+        ref_dw = ref_backward_weight(dyg, xg, ig)
+        ref_dx = ref_backward_input(dyg, wg, ig, h)
+        cpu = {
+            "y": torch.ops.xmc.ffi_forward(x, w, idx, b),
+            "dW": torch.ops.xmc.ffi_backward_weight(dy, x, idx),
+            "dx": torch.ops.xmc.ffi_backward_input(dy, w, idx, h),
+        }
+        outs = {
+            "y": torch.ops.xmc.ffi_forward(xg, wg, ig, bg),
+            "dW": torch.ops.xmc.ffi_backward_weight(dyg, xg, ig),
+        }
+        refs = {"y": ref_y, "dW": ref_dw, "dx": ref_dx}
+        for mode in MODES:
+            set_mode(mode)
+            outs[f"dx[{mode}]"] = torch.ops.xmc.ffi_backward_input(dyg, wg, ig, h)
+        torch.cuda.synchronize()
+        for key, got in outs.items():
+            base = key.split("[")[0]
+            e_ref = rel_err(got, refs[base])
+            e_cpu = rel_err(got.cpu(), cpu[base])
+            ok = got.dtype == dtype and e_ref <= tol and e_cpu <= 2 * tol
+            report(ok, f"{name} {key:<10} vs float64 {e_ref:.2e}  vs CPU op {e_cpu:.2e}")
+    except Exception as exc:  # a kernel error must fail the case, not end the run
+        report(False, f"{name}: {type(exc).__name__}: {exc}")
+    finally:
+        os.environ.pop("XMC_FFI_L2_BUDGET_MB", None)
+        set_mode("atomic")
+
+
+def check_module() -> None:
+    """FixedFanInSparse on CUDA through autograd: gradients of x, values and bias."""
+    dev = torch.device("cuda")
+    for mode in MODES:
+        set_mode(mode)
+        layer = FixedFanInSparse(300, 1001, 16, seed=3).to(dev)
+        x = torch.randn(67, 300, device=dev, requires_grad=True)
+        dy = torch.randn(67, 1001, device=dev)
+        layer(x).backward(dy)
+        ref_dx = ref_backward_input(dy, layer.values.detach(), layer.indices, 300)
+        ref_dw = ref_backward_weight(dy, x.detach(), layer.indices)
+        errs = [
+            rel_err(x.grad, ref_dx),
+            rel_err(layer.values.grad, ref_dw),
+            rel_err(layer.bias.grad, dy.sum(0)),
+        ]
+        report(all(e <= 1e-5 for e in errs), f"module autograd [{mode}] dx/dW/db errors {errs}")
+    set_mode("atomic")
+
+
+def check_rewiring() -> None:
+    """rewire() on CUDA tensors: fan-in kept, distinct indices, exactly the rewired entries reset."""
+    dev = torch.device("cuda")
+    try:
+        layer = FixedFanInSparse(512, 4099, 32, seed=5).to(dev)
+        opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+        x = torch.randn(64, 512, device=dev)
+        layer(x).square().mean().backward()
+        opt.step()
+        before_i, before_v = layer.indices.clone(), layer.values.detach().clone()
+        state = opt.state[layer.values]
+        before_m = [state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
+        gen = torch.Generator(device=dev).manual_seed(11)
+        count = rewire(layer, 0.25, gen, optimizer=opt)
+        changed = layer.indices != before_i
+        per_row = changed.sum(1)
+        sorted_i = layer.indices.sort(1).values
+        distinct = bool((sorted_i[:, 1:] != sorted_i[:, :-1]).all())
+        in_range = bool(((layer.indices >= 0) & (layer.indices < 512)).all())
+        values_ok = bool((layer.values.detach()[changed] == 0).all()) and torch.equal(
+            layer.values.detach()[~changed], before_v[~changed]
+        )
+        moments_ok = all(
+            bool((state[m][changed] == 0).all()) and torch.equal(state[m][~changed], old[~changed])
+            for m, old in zip(("exp_avg", "exp_avg_sq"), before_m, strict=True)
+        )
+        ok = (
+            count == 4099 * 8
+            and bool((per_row == 8).all())
+            and layer.indices.shape == (4099, 32)
+            and layer.indices.device.type == "cuda"
+            and distinct
+            and in_range
+            and values_ok
+            and moments_ok
+        )
+        report(
+            ok,
+            f"rewire on cuda: count={count} per-row changed {per_row.min().item()}..{per_row.max().item()} "
+            f"distinct={distinct} in_range={in_range} values={values_ok} moments={moments_ok}",
+        )
+        # The kernels see the new wiring (the CSC index is rebuilt every call).
+        y = layer(x)
+        for mode in MODES:
+            set_mode(mode)
+            dx = torch.ops.xmc.ffi_backward_input(y.detach(), layer.values.detach(), layer.indices, 512)
+            e = rel_err(dx, ref_backward_input(y.detach(), layer.values.detach(), layer.indices, 512))
+            report(e <= 1e-5, f"after rewiring: dx[{mode}] vs float64 {e:.2e}")
+        e = rel_err(y, ref_forward(x, layer.values.detach(), layer.indices, layer.bias.detach()))
+        report(e <= 1e-5, f"after rewiring: forward vs float64 {e:.2e}")
+    except Exception as exc:
+        report(False, f"rewire on cuda: {type(exc).__name__}: {exc}")
+    finally:
+        set_mode("atomic")
+
+
+CASES = [
+    # N, H, C, K, bias, L2 budget override (MB) to force many batch tiles
+    (1, 37, 45, 7, True, None),
+    (5, 37, 45, 37, True, None),  # K = H
+    (70, 64, 41, 1, False, None),  # K = 1
+    (3, 65, 1, 65, True, None),  # C = 1, K = H
+    (130, 41, 77, 33, True, None),
+    (130, 41, 77, 33, True, "0.001"),
+    (128, 1001, 3001, 32, True, None),
+    (257, 513, 1999, 64, False, None),
+    (200, 31, 260, 5, True, "0.02"),
+    (512, 65536, 8191, 32, True, None),  # the real H: tiles sized by the card's L2
+    (128, 65536, 20001, 64, True, None),
+]
+
+
+# ---------------------------------------------------------------- 2. training step at 670K labels
+
+
+class SquaredHinge(torch.autograd.Function):
+    """mean over samples of sum over labels of max(0, 1 - s*y)^2, s = +1 on the sample's positives,
+    -1 elsewhere; positives given as label lists [N, P] (no dense target matrix). The gradient is
+    written over the saved logits: one [N, C] buffer instead of three (the logits are dead by then)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        total = (logits + 1.0).clamp_(min=0.0).square_().sum()  # every label as a negative ...
+        yp = logits.gather(1, positives)  # ... then the positives corrected
+        total = total - torch.relu(yp + 1.0).square().sum() + torch.relu(1.0 - yp).square().sum()
+        ctx.save_for_backward(logits, positives)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, positives = ctx.saved_tensors
+        scale = grad_out / logits.shape[0]
+        yp = logits.gather(1, positives)
+        grad = logits.add_(1.0).clamp_(min=0.0).mul_(2.0 * scale)  # in place: d/dy (1 + y)^2
+        grad.scatter_(1, positives, -2.0 * torch.relu(1.0 - yp) * scale)
+        return grad, None
+
+
+def train_check(steps: int = 20, batch: int = 128) -> dict:
+    dev = torch.device("cuda")
+    labels, hidden, fan_in, embed = 670_091, 65_536, 32, 768
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    head = FFIHead(embed, LabelRange(0, labels, labels), hidden, fan_in, dropout=0.2, seed=0).to(dev)
+    build_s = time.perf_counter() - t0
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3, fused=True)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    emb = torch.randn(batch, embed, device=dev, generator=gen)
+    positives = draw_fan_in_indices(batch, labels, 5, gen)  # 5 distinct labels per sample
+    losses, times = [], []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = SquaredHinge.apply(head(emb), positives)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())  # synchronises
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(dev)
+    finite = all(math.isfinite(v) for v in losses)
+    falling = finite and losses[-1] < losses[0] and losses[-1] <= min(losses[: steps // 2])
+    result = {
+        "batch": batch,
+        "steps": steps,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": [round(v, 4) for v in losses],
+        "step_s_median": statistics.median(times[2:]),
+        "peak_bytes": peak,
+        "peak_GiB": peak / 2**30,
+        "peak_le_2GB": peak <= 2 * 10**9,
+        "head_build_s": build_s,
+    }
+    report(
+        finite and falling, f"670K training step: loss {losses[0]:.4g} -> {losses[-1]:.4g} over {steps} steps"
+    )
+    report(peak <= 2 * 10**9, f"670K training step: peak memory {peak / 2**30:.3f} GiB (target <= 2 GB)")
+    print(
+        f"      step time median {result['step_s_median'] * 1e3:.2f} ms, head built in {build_s:.1f} s",
+        flush=True,
+    )
+    del head, opt, emb
+    torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------- 3. timings at scale
+
+
+def peak_bandwidth() -> tuple[float, str]:
+    """Bytes/s of the card: from memory clock and bus width when torch exposes them, else by name."""
+    props = torch.cuda.get_device_properties(0)
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz and bus_bits:
+        return 2.0 * clock_khz * 1e3 * bus_bits / 8, "clock x bus width (double data rate)"
+    for key, value in PEAK_BW.items():  # most specific names first
+        if key in props.name:
+            return value, f"published figure for {key}"
+    return math.nan, "unknown card"
+
+
+def cuda_time(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median seconds over repeats after one warm-up, CUDA events on the current stream."""
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+def perf_check(peak_bw: float) -> list[dict]:
+    dev = torch.device("cuda")
+    labels, hidden = 670_091, 65_536
+    results = []
+    gen = torch.Generator(device=dev).manual_seed(1)
+    for k in (32, 64):
+        idx = draw_fan_in_indices(labels, hidden, k, gen).to(torch.int32)
+        for dtype in (torch.float32, torch.bfloat16):
+            w = (torch.rand(labels, k, device=dev, generator=gen) - 0.5).to(dtype)
+            b = torch.zeros(labels, device=dev, dtype=dtype)
+            for n in (128, 512):
+                if dtype == torch.bfloat16 and (n, k) != (128, 32):
+                    continue  # bf16 once, at the paper's shape
+                x = torch.randn(n, hidden, device=dev, generator=gen).to(dtype)
+                dy = torch.randn(n, labels, device=dev, generator=gen).to(dtype)
+                e = x.element_size()
+                traffic = {  # each operand read or written once: the memory-bound floor
+                    "forward": e * n * hidden + (e + 4) * labels * k + e * labels + e * n * labels,
+                    "dx": e * n * labels + (e + 4) * labels * k + e * n * hidden,
+                    "dW": e * n * labels + e * n * hidden + (e + 4) * labels * k,
+                }
+                row = {"N": n, "H": hidden, "C": labels, "K": k, "dtype": str(dtype)[6:]}
+                row["forward_s"] = cuda_time(
+                    lambda x=x, w=w, b=b, i=idx: torch.ops.xmc.ffi_forward(x, w, i, b)
+                )
+                row["dW_s"] = cuda_time(lambda x=x, dy=dy, i=idx: torch.ops.xmc.ffi_backward_weight(dy, x, i))
+                for mode in MODES:
+                    set_mode(mode)
+                    row[f"dx_{mode}_s"] = cuda_time(
+                        lambda dy=dy, w=w, i=idx: torch.ops.xmc.ffi_backward_input(dy, w, i, hidden)
+                    )
+                set_mode("atomic")
+                row["dx_best"] = min(MODES, key=lambda m: row[f"dx_{m}_s"])
+                row["bias_grad_s"] = cuda_time(lambda dy=dy: dy.sum(0))
+                dx_s = row[f"dx_{row['dx_best']}_s"]
+                row["fwd_bwd_s"] = row["forward_s"] + row["dW_s"] + dx_s + row["bias_grad_s"]
+                for name, key in (("forward", "forward_s"), ("dW", "dW_s"), ("dx", f"dx_{row['dx_best']}_s")):
+                    row[f"{name}_GB_per_s"] = traffic[name] / row[key] / 1e9
+                    row[f"{name}_frac_peak"] = traffic[name] / row[key] / peak_bw
+                # The paper's dense baseline at the same batch and dtype: nn.Linear(768, C) fwd+bwd.
+                dense = nn.Linear(768, labels, device=dev, dtype=dtype)
+                emb = torch.randn(n, 768, device=dev, dtype=dtype, requires_grad=True)
+
+                def dense_step(dense=dense, emb=emb, dy=dy):
+                    dense.weight.grad = dense.bias.grad = emb.grad = None
+                    dense(emb).backward(dy)
+
+                row["dense768_fwd_bwd_s"] = cuda_time(dense_step)
+                row["dense_over_ffi"] = row["dense768_fwd_bwd_s"] / row["fwd_bwd_s"]
+                del dense, emb
+                print(
+                    f"perf N={n} K={k} {row['dtype']}: fwd {row['forward_s'] * 1e3:.3f} ms "
+                    f"({row['forward_frac_peak']:.0%} peak), dx atomic {row['dx_atomic_s'] * 1e3:.3f} ms, "
+                    f"dx csc {row['dx_csc_s'] * 1e3:.3f} ms, dW {row['dW_s'] * 1e3:.3f} ms "
+                    f"({row['dW_frac_peak']:.0%}); fwd+bwd {row['fwd_bwd_s'] * 1e3:.3f} ms vs dense(768) "
+                    f"{row['dense768_fwd_bwd_s'] * 1e3:.3f} ms = {row['dense_over_ffi']:.2f}x",
+                    flush=True,
+                )
+                results.append(row)
+                del x, dy
+                torch.cuda.empty_cache()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--skip-train", action="store_true", help="leave out the 670K training step")
+    parser.add_argument("--skip-perf", action="store_true", help="leave out the timings at scale")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no GPU visible: nothing to check here", flush=True)
+        return 2
+    t0 = time.perf_counter()
+    load_ops()
+    build_s = time.perf_counter() - t0
+    props = torch.cuda.get_device_properties(0)
+    peak_bw, bw_source = peak_bandwidth()
+    l2_mib = getattr(props, "L2_cache_size", 0) / 2**20
+    print(
+        f"{props.name}: {props.multi_processor_count} SMs, L2 {l2_mib:.0f} MiB, "
+        f"peak bandwidth {peak_bw / 1e12:.2f} TB/s ({bw_source}); torch {torch.__version__}; "
+        f"ops loaded in {build_s:.1f} s",
+        flush=True,
+    )
+    summary: dict = {"gpu": props.name, "peak_bandwidth_Bps": peak_bw, "bandwidth_source": bw_source}
+    for n, h, c, k, bias, budget in CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_case(n, h, c, k, bias, dtype, budget)
+    check_module()
+    check_rewiring()
+    if not args.skip_train:
+        try:
+            summary["train"] = train_check()
+        except Exception as exc:
+            report(False, f"670K training step: {type(exc).__name__}: {exc}")
+    if not args.skip_perf:
+        try:
+            summary["perf"] = perf_check(peak_bw)
+        except Exception as exc:
+            report(False, f"timings at scale: {type(exc).__name__}: {exc}")
+    summary["failures"] = failures
+    summary["ok"] = not failures
+    summary["seconds"] = time.perf_counter() - t0
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
