@@ -89,13 +89,12 @@ def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
 
 
 def train(config: RunConfig, grid, resume: str | None) -> None:
-    from pipeline.data.synthetic import ensure_synthetic
 
     from pipeline.train import checkpoint
     from pipeline.train.loop import Trainer
 
     if grid.rank == 0:
-        ensure_synthetic(config.data)
+        ensure_data(config)
     torch.distributed.barrier()
     trainer = Trainer(config, grid)
     if resume:
@@ -114,6 +113,34 @@ def train(config: RunConfig, grid, resume: str | None) -> None:
         )
         print(format_summary(final, baseline), flush=True)
     trainer.logbook.close()
+
+
+def ensure_data(config: RunConfig) -> None:
+    """Generate the synthetic set of `data.synthetic` when the training folder holds no manifest.
+
+    The generator writes `<folder>/train` and `<folder>/test`, so data.train and data.test must be
+    such a pair. Shards and manifests are written under temporary names and renamed when complete."""
+    from pipeline.data import write_synthetic
+
+    train, test = Path(config.data.train), Path(config.data.test)
+    if (train / "manifest.json").is_file() or config.data.synthetic is None:
+        return  # the loader reports a missing or bad data set itself
+    if (train.name, test.name) != ("train", "test") or train.parent != test.parent:
+        raise ConfigError(
+            f"data.synthetic: generating needs data.train and data.test to be <folder>/train and "
+            f"<folder>/test, got {train} and {test}"
+        )
+    s = config.data.synthetic
+    print(f"generating the synthetic data set in {train.parent} ({s.num_train} + {s.num_test} samples)")
+    write_synthetic(
+        train.parent,
+        num_train=s.num_train,
+        num_test=s.num_test,
+        num_features=s.num_features,
+        num_labels=s.num_labels,
+        seed=s.seed,
+        shard_size=max(1000, -(-s.num_train // 16)),
+    )
 
 
 def format_summary(final: dict[str, float], baseline: dict[str, float]) -> str:
