@@ -9,9 +9,9 @@
 // Outputs have the dtype of x / grad_y; values and bias must share it. CPU: float32, bfloat16, float64
 // (index range checked on every call, it costs one pass over the indices). CUDA: float32, bfloat16
 // (index range not checked per call: it would synchronise the stream; the module checks on creation).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
 #include <optional>
 
@@ -67,8 +67,10 @@ xmc::CpuDtype cpu_dtype(const Tensor& t, const char* name) {
     case at::kDouble:
       return xmc::CpuDtype::kFloat64;
     default:
-      TORCH_CHECK(false, name, " must be float32, bfloat16 or float64 on CPU, got ", t.scalar_type());
+      break;
   }
+  TORCH_CHECK(false, name, " must be float32, bfloat16 or float64 on CPU, got ", t.scalar_type());
+  return xmc::CpuDtype::kFloat32;  // not reached
 }
 
 void check_cpu(const Tensor& t, const char* name) {
@@ -177,8 +179,10 @@ xmc::FfiDtype cuda_dtype(const Tensor& t, const char* name) {
     case at::kBFloat16:
       return xmc::FfiDtype::kBFloat16;
     default:
-      TORCH_CHECK(false, name, " must be float32 or bfloat16 on CUDA, got ", t.scalar_type());
+      break;
   }
+  TORCH_CHECK(false, name, " must be float32 or bfloat16 on CUDA, got ", t.scalar_type());
+  return xmc::FfiDtype::kFloat32;  // not reached
 }
 
 void check_cuda(const Tensor& t, const char* name) {

@@ -210,7 +210,7 @@ def compare(batch: int, hidden: int, labels: int, fan_in: int, repeats: int, dev
 
     with torch.no_grad():
         y_ffi = layer(x).double()
-    dense = nn.Linear(hidden, labels).to(device)
+    dense = nn.Linear(hidden, labels, device=device)
     with torch.no_grad():
         dense.weight.copy_(layer.to_dense())
         dense.bias.copy_(layer.bias)
@@ -305,7 +305,7 @@ def at_scale(batch: int, repeats: int, device: torch.device) -> dict:
         }
         del csr, csr_step
         embed = 768
-        dense = nn.Linear(embed, labels).to(device)
+        dense = nn.Linear(embed, labels, device=device)
         e = torch.randn(batch, embed, device=device, requires_grad=True)
         dense_step = fwd_bwd(lambda: dense(e), dy, [e, dense.weight, dense.bias])
         result["dense_768"] = {
