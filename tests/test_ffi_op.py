@@ -279,3 +279,25 @@ def test_backward_argument_errors():
 def test_module_rejects_wrong_feature_count():
     with pytest.raises(ValueError, match="expected inputs with 10 features"):
         FixedFanInSparse(10, 3, 2)(torch.randn(2, 9))
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    from pipeline.ops import build
+
+    monkeypatch.setenv("CXX", "no-such-compiler-xmc")
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler 'no-such-compiler-xmc' not found"):
+        build._check_toolchain()
+    monkeypatch.setenv("CXX", "c++")
+    build._check_toolchain()  # the real toolchain passes
+
+
+def test_devices_without_a_kernel_are_refused():
+    """A device the extension has no kernel for is an error from the dispatcher, never a slow fallback."""
+    meta = {"device": "meta"}
+    args = (
+        torch.empty(2, 4, **meta),
+        torch.empty(3, 2, **meta),
+        torch.empty(3, 2, dtype=torch.int32, **meta),
+    )
+    with pytest.raises(NotImplementedError, match="xmc::ffi_forward"):
+        torch.ops.xmc.ffi_forward(*args, None)
