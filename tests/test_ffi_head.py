@@ -60,6 +60,16 @@ def test_initialisation_is_reproducible_per_seed_and_range():
     assert not torch.equal(a[0].intermediate.weight, c[0].intermediate.weight)
 
 
+def test_any_split_starts_from_the_single_process_classifier():
+    whole = _heads(num_labels=9000, mp=1)[0].eval()
+    shards = [h.eval() for h in _heads(num_labels=9000, mp=4)]
+    for key in ("sparse.indices", "sparse.values", "sparse.bias"):
+        joined = torch.cat([h.state_dict()[key] for h in shards])
+        assert torch.equal(joined, whole.state_dict()[key]), key
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(torch.cat([h(x) for h in shards], dim=1), whole(x), rtol=0, atol=0)
+
+
 def test_backward_reaches_every_parameter_and_the_embeddings():
     head = _heads()[2]
     x = torch.randn(5, 24, requires_grad=True)

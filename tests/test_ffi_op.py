@@ -181,6 +181,15 @@ def test_module_state_and_initialisation():
     assert dense.shape == (257, 300) and int((dense != 0).sum(dim=1).max()) == 32
 
 
+def test_seeded_rows_do_not_depend_on_the_split():
+    whole = FixedFanInSparse(40, 10_000, 6, seed=9)
+    for first, rows in ((0, 1), (4095, 2), (4000, 5000), (9999, 1), (10_000, 0)):
+        part = FixedFanInSparse(40, rows, 6, seed=9, first_row=first)
+        assert torch.equal(part.indices, whole.indices[first : first + rows])
+        assert torch.equal(part.values, whole.values[first : first + rows])
+        assert torch.equal(part.bias, whole.bias[first : first + rows])
+
+
 def test_full_fan_in_uses_every_input_once():
     layer = FixedFanInSparse(40, 33, 40, bias=False, seed=1)
     assert layer.bias is None and set(layer.state_dict()) == {"values", "indices"}

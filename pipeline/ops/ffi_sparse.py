@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 from pipeline.ops.build import load_ops
 
 _ELEMENT_BUDGET = 1 << 22  # elements of scratch per chunk of rows when drawing indices
+INIT_BLOCK = 4096  # rows per independently seeded block of a seeded layer's initial state
 
 
 class _FixedFanInFunction(torch.autograd.Function):
@@ -130,13 +131,44 @@ def draw_fan_in_indices(
     return out
 
 
+def _initial_rows(
+    rows: int, in_features: int, fan_in: int, seed: int | None, first_row: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices, values, bias of rows [first_row, first_row + rows) of a seeded layer.
+
+    Seeded layers draw in blocks of INIT_BLOCK rows, block b from a generator seeded with (seed, b), so a
+    row's initial state does not depend on how the outputs are split into shards.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    if seed is None:
+        indices = draw_fan_in_indices(rows, in_features, fan_in)
+        values = torch.rand(rows, fan_in) * (2 * bound) - bound
+        return indices, values, torch.rand(rows) * (2 * bound) - bound
+    parts = []
+    stop = first_row + rows
+    for block in range(first_row // INIT_BLOCK, -(-stop // INIT_BLOCK)):
+        g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + block) % (1 << 63))
+        lo = block * INIT_BLOCK
+        a, b = max(first_row, lo) - lo, min(stop, lo + INIT_BLOCK) - lo
+        indices = draw_fan_in_indices(INIT_BLOCK, in_features, fan_in, g)
+        values = torch.rand(INIT_BLOCK, fan_in, generator=g) * (2 * bound) - bound
+        bias = torch.rand(INIT_BLOCK, generator=g) * (2 * bound) - bound
+        parts.append((indices[a:b], values[a:b], bias[a:b]))
+    if not parts:
+        return torch.empty(0, fan_in, dtype=torch.int64), torch.empty(0, fan_in), torch.empty(0)
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
 class FixedFanInSparse(nn.Module):
     """Linear layer with exactly `fan_in` inputs per output, drawn without replacement.
 
     Parameters `values [C, K]` and `bias [C]`, buffer `indices [C, K]` int32: all three are in the
     state_dict. Initialised like nn.Linear with fan-in K (uniform in +-1/sqrt(K)), so the output scale
-    does not depend on in_features. `seed` makes indices and initial values reproducible (a private
-    generator; the global RNG is used when it is None). Inputs may have leading batch dimensions.
+    does not depend on in_features. `seed` makes indices and initial values reproducible (private
+    generators; the global RNG is used when it is None). With a seed, the layer holds rows
+    [first_row, first_row + out_features) of the layer that seed gives any larger out_features: a shard
+    of a label range starts exactly like the same rows of the whole layer. Inputs may have leading
+    batch dimensions.
     """
 
     def __init__(
@@ -148,22 +180,20 @@ class FixedFanInSparse(nn.Module):
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        first_row: int = 0,
     ) -> None:
         super().__init__()
         if not 1 <= fan_in <= in_features:
             raise ValueError(f"fan_in must be in 1..in_features={in_features}, got {fan_in}")
-        if out_features < 0:
-            raise ValueError(f"out_features must be >= 0, got {out_features}")
+        if out_features < 0 or first_row < 0:
+            raise ValueError(f"out_features and first_row must be >= 0, got {out_features}, {first_row}")
         self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        indices = draw_fan_in_indices(out_features, in_features, fan_in, generator)
-        bound = 1.0 / math.sqrt(fan_in)
-        values = torch.rand(out_features, fan_in, generator=generator) * (2 * bound) - bound
+        indices, values, b = _initial_rows(out_features, in_features, fan_in, seed, first_row)
+        dtype = dtype or torch.get_default_dtype()
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int32))
-        self.values = nn.Parameter(values.to(device=device, dtype=dtype or torch.get_default_dtype()))
+        self.values = nn.Parameter(values.to(device=device, dtype=dtype))
         if bias:
-            b = torch.rand(out_features, generator=generator) * (2 * bound) - bound
-            self.bias = nn.Parameter(b.to(device=device, dtype=dtype or torch.get_default_dtype()))
+            self.bias = nn.Parameter(b.to(device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
 

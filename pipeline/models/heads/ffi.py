@@ -4,8 +4,10 @@ The architecture of Schultheis & Babbar (2023): a wide dense intermediate layer 
 layer with exactly `fan_in` connections per label keeps the output layer's memory linear in the
 number of labels times K instead of labels times H. Under model parallelism the intermediate layer is
 replicated over the group (same initialisation on every rank: it is seeded from `seed` alone, and the
-trainer sums its gradients over the group), while the sparse layer holds only this rank's labels and
-draws its connections from (seed, label_range.start): ranks differ, and a run is reproducible.
+trainer sums its gradients over the group), while the sparse layer holds only this rank's labels:
+rows [start, stop) of the layer that `seed` gives all labels (blocks of rows seeded from (seed, block),
+see FixedFanInSparse). Ranks differ, a run is reproducible, and any split starts from the same
+classifier as a single process, like the dense head.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pipeline.ops.rewiring import rewire
 from pipeline.parallel.label_range import LabelRange
 
 
-def _mix(seed: int, start: int) -> int:
-    """One 63-bit seed from (seed, start); distinct starts give distinct streams."""
-    return (seed * 0x9E3779B97F4A7C15 + start * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+def _mix(seed: int) -> int:
+    """The sparse layer's seed: a stream apart from the intermediate layer's."""
+    return (seed * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 class FFIHead(nn.Module):
@@ -41,7 +43,9 @@ class FFIHead(nn.Module):
         self.label_range, self.seed = label_range, seed
         self.dropout = nn.Dropout(dropout)
         self.intermediate = nn.Linear(in_features, hidden)
-        self.sparse = FixedFanInSparse(hidden, label_range.size, fan_in, seed=_mix(seed, label_range.start))
+        self.sparse = FixedFanInSparse(
+            hidden, label_range.size, fan_in, seed=_mix(seed), first_row=label_range.start
+        )
         self._init_intermediate(torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
