@@ -10,6 +10,9 @@
 //   dxT [H, kDxRows] (no atomics), stream over all (c, k) once per block, and write their dx rows at the
 //   end. When there are fewer row blocks than threads, the outputs are split too and the partial
 //   accumulators summed afterwards.
+// - work is handed out dynamically in small chunks: on a shared machine a thread that loses its core
+//   does not hold the whole call back (results do not depend on the schedule: every output or row
+//   block is summed by one thread in a fixed order).
 // - the innermost loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 (target_clones picks one
 //   at load time), so the build stays portable without -march=native.
 #include "ffi_cpu.h"
@@ -236,7 +239,7 @@ template <typename E, typename A>
 void transpose_rows(const E* x, int64_t n0, int64_t nc, int64_t H, A* xT, int nthreads) {
   constexpr int64_t kB = 64;
   const int64_t hblocks = (H + kB - 1) / kB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 8)
   for (int64_t hb = 0; hb < hblocks; ++hb) {
     const int64_t h0 = hb * kB, h1 = std::min(H, h0 + kB);
     for (int64_t i = 0; i < nc; ++i) {
@@ -265,7 +268,7 @@ void forward_impl(const E* x, const E* W, const int32_t* I, const E* bias, E* y,
       A* acc = scratch.data() + per_thread * omp_get_thread_num();
       A* wbuf = acc + kTile * rows;
       A* bbuf = wbuf + kTile * K;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t c0 = tile * kTile, T = std::min(kTile, C - c0);
         const A* w;
@@ -317,7 +320,7 @@ void backward_weight_impl(const E* dy, const E* x, const int32_t* I, E* dW, int6
     {
       A* dyT = scratch.data() + per_thread * omp_get_thread_num();
       A* obuf = dyT + kTile * rows;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t c0 = tile * kTile, T = std::min(kTile, C - c0);
         for (int64_t i = 0; i < nc; ++i) {
@@ -397,7 +400,7 @@ void backward_input_impl(const E* dy, const E* W, const int32_t* I, E* dx, int64
       // Sum the partial accumulators of each row block, in column blocks so every thread has work.
       constexpr int64_t kJ = 256;
       const int64_t jblocks = (H + kJ - 1) / kJ;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
       for (int64_t task = 0; task < blocks * jblocks; ++task) {
         const int64_t b = task / jblocks, j0 = (task % jblocks) * kJ, j1 = std::min(H, j0 + kJ);
         const int64_t n0 = b * nb, nr = std::min(nb, N - n0);

@@ -327,12 +327,15 @@ def at_scale(batch: int, repeats: int, device: torch.device) -> dict:
 def thread_scaling(
     batch: int, hidden: int, labels: int, fan_in: int, threads: list[int], repeats: int
 ) -> dict:
-    """FFI fwd+bwd and per-kernel seconds at each CPU thread count."""
+    """FFI fwd+bwd and per-kernel seconds at each CPU thread count, and the dense layer's fwd+bwd at the
+    same count (3 repeats): the ratio per thread count is less exposed to other load on the machine."""
     g = torch.Generator().manual_seed(0)
     layer = FixedFanInSparse(hidden, labels, fan_in, seed=1)
     x = torch.randn(batch, hidden, generator=g).requires_grad_(True)
     dy = torch.randn(batch, labels, generator=g)
     step = fwd_bwd(lambda: layer(x), dy, [x, layer.values, layer.bias])
+    dense = nn.Linear(hidden, labels)
+    dense_step = fwd_bwd(lambda: dense(x), dy, [x, dense.weight, dense.bias])
     previous = torch.get_num_threads()
     out = {}
     try:
@@ -341,11 +344,15 @@ def thread_scaling(
             out[str(t)] = {
                 "fwd_bwd_s": timed(step, repeats, x.device),
                 "kernels": kernel_times(layer, x.detach(), dy, repeats),
+                "dense_fwd_bwd_s": timed(dense_step, 3, x.device),
             }
-            k = out[str(t)]["kernels"]
+            o = out[str(t)]
+            o["dense_over_ffi"] = o["dense_fwd_bwd_s"] / o["fwd_bwd_s"]
+            k = o["kernels"]
             print(
-                f"threads {t}: ffi fwd+bwd {out[str(t)]['fwd_bwd_s']:.4f} s (fwd {k['forward']['s']:.4f}, "
-                f"dx {k['backward_input']['s']:.4f}, dW {k['backward_weight']['s']:.4f})",
+                f"threads {t}: ffi fwd+bwd {o['fwd_bwd_s']:.4f} s (fwd {k['forward']['s']:.4f}, "
+                f"dx {k['backward_input']['s']:.4f}, dW {k['backward_weight']['s']:.4f}); dense "
+                f"{o['dense_fwd_bwd_s']:.4f} s, {o['dense_over_ffi']:.1f}x the FFI time",
                 flush=True,
             )
     finally:
