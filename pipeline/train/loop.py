@@ -187,8 +187,8 @@ class Trainer:
         while True:
             loader = self.loader(self.config.data.train, self.position.epoch, self.position.batches, True)
             for batch in loader:
+                self.position.batches += 1  # counted when handed out: a checkpoint after it skips it
                 yield batch
-                self.position.batches += 1
             self.position.epoch += 1
             self.position.batches = 0
 
@@ -327,6 +327,13 @@ class Trainer:
             ckpt.restore_head(self.head, self.head_optimizer, state, by_name)
             own = shards[0]
         self.head_scheduler.load_state_dict(own["scheduler"])
+        # a scheduler's state_dict restores its counter, not the optimizer's current learning rate
+        for scheduler, optimizer in (
+            (self.head_scheduler, self.head_optimizer),
+            (self.engine.lr_scheduler, self.engine.optimizer),
+        ):
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
         self.position = Position(**own["position"])
 
     # ----- the run --------------------------------------------------------------------------------
