@@ -18,7 +18,7 @@
 #include "ffi_cpu.h"
 
 #ifdef XMC_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "ffi_cuda.h"
@@ -204,7 +204,7 @@ Tensor forward_cuda(const Tensor& x_, const Tensor& values_, const Tensor& indic
   if (K == 0) return bias.defined() ? y.copy_(bias.unsqueeze(0).expand({N, C})) : y.zero_();
   xmc::ffi_forward_cuda(dtype, x.data_ptr(), values.data_ptr(), indices.data_ptr<int32_t>(),
                         bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(), N, H, C, K,
-                        at::cuda::getCurrentCUDAStream());
+                        c10::cuda::getCurrentCUDAStream());
   return y;
 }
 
@@ -224,7 +224,7 @@ Tensor backward_input_cuda(const Tensor& grad_y_, const Tensor& values_, const T
   Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, grad_y.options().dtype(at::kByte));
   xmc::ffi_backward_input_cuda(dtype, grad_y.data_ptr(), values.data_ptr(), indices.data_ptr<int32_t>(),
                                grad_x.data_ptr(), ws_bytes ? workspace.data_ptr() : nullptr, N, H, C, K,
-                               at::cuda::getCurrentCUDAStream());
+                               c10::cuda::getCurrentCUDAStream());
   return grad_x;
 }
 
@@ -240,7 +240,7 @@ Tensor backward_weight_cuda(const Tensor& grad_y_, const Tensor& x_, const Tenso
   if (grad_values.numel() == 0) return grad_values;
   if (N == 0) return grad_values.zero_();
   xmc::ffi_backward_weight_cuda(dtype, grad_y.data_ptr(), x.data_ptr(), indices.data_ptr<int32_t>(),
-                                grad_values.data_ptr(), N, H, C, K, at::cuda::getCurrentCUDAStream());
+                                grad_values.data_ptr(), N, H, C, K, c10::cuda::getCurrentCUDAStream());
   return grad_values;
 }
 #endif  // XMC_WITH_CUDA

@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    for name in SUITES:
+    argv = sys.argv[1:] if argv is None else argv
+    # import only the suite asked for: others may need packages a GPU machine lacks (horovod, ...)
+    wanted = [argv[0]] if argv and argv[0] in SUITES else SUITES
+    for name in wanted:
         suite = load_suite(name)
         suite.add_arguments(sub.add_parser(name, help=(suite.__doc__ or "").strip().splitlines()[0]))
     args = parser.parse_args(argv)
