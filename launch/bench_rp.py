@@ -7,6 +7,9 @@ from other processes hits both alike. The softmax over the [batch, C] logits and
 the same for both heads; it is also timed alone (forward + backward on [batch, C] logits), which
 bounds the attainable ratio (Amdahl) however slim the classifier, and shows the ratio of the rest.
 The RP head multiplies in the cheap order, (h R) V^T: batch*d*k + batch*k*C multiply-adds.
+On CPU, glibc hands every [batch, C] float32 tensor (205 MB at the defaults) back to the kernel when
+it is freed and page-faults it in, zeroed, at the next allocation; that dominates the softmax's cost.
+`--keep-freed-memory` switches this off (as a caching allocator, jemalloc or tcmalloc would).
 
 Bytes: one step of the Horovod exchange (`GradientExchange`) of the RP head's gradients per
 compression mode, counted by its own accounting. With a single process Horovod has one replica, so
@@ -170,6 +173,10 @@ def run(args: argparse.Namespace) -> dict:
     sent = exchange_bytes(args)
     for mode, n in sent.items():
         print(f"exchange {mode:>4}: {n:>12,d} bytes/step  ({sent['none'] / n:6.1f}x fewer than none)")
+    dense_none = (args.labels * args.embed + args.labels) * 4  # float32 weight + bias, uncompressed
+    print(
+        f"(dense head, none: {dense_none:,d} bytes/step, {dense_none / sent['topk']:.0f}x the RP head's topk)"
+    )
     return {
         "labels": args.labels,
         "batch": args.batch,
@@ -185,4 +192,5 @@ def run(args: argparse.Namespace) -> dict:
         "phases_ms": {name: {p: 1e3 * m[p] for p in PHASES} for name, m in (("dense", dense), ("rp", rp))},
         "exchange_bytes": sent,
         "topk_reduction": sent["none"] / sent["topk"],
+        "dense_none_bytes": dense_none,
     }

@@ -66,7 +66,7 @@ def test_projection_identical_on_ranks_and_slim_rows_independent_of_split():
         assert not np.allclose(r["R_other"], r["R"])
     assert np.array_equal(np.concatenate([r["V"] for r in ranks]), single.weight.detach().numpy())
     assert ranks[0]["V"].shape == (4501, k) and ranks[1]["V"].shape == (4500, k)
-    # N(0, 1/k) entries: variance k * 1/k = 1 per column norm^2 / d, checked loosely on 384 draws
+    # entries N(0, 1/k): k * var(R) = 1, checked loosely on these 384 draws
     assert abs(single.R.var().item() * k - 1) < 0.25
     assert not single.R.requires_grad and [p for p in single.parameters()] == single.sharded_parameters()
     assert single.replicated_parameters() == []
