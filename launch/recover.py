@@ -61,6 +61,26 @@ def group_batches(backbone, loader, grid, batch_size: int):
             yield (h, *gather_labels(*padded_labels(batch, batch_size), grid.mp_group))
 
 
+def calibrate_scale(dense, slim, batches, max_batches: int = 16) -> float:
+    """Least-squares factor a with a * (W h) ~ slim logits, over the first batches of training data.
+
+    The dual formula gives W's direction; its scale is right only at the optimum of the regularised
+    slim problem. After a finite number of Adam steps the slim model is not there, and W h can be off
+    by orders of magnitude, which the logit-scale-sensitive losses (and a fine-tune's first steps)
+    punish. At the optimum the factor is 1; away from it, it puts W h on the scale of the slim model's
+    V R^T h, next to the bias copied from it. Sums run over every rank's label slice and batches."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i, (h, _, _, valid) in enumerate(batches):
+            if i == max_batches:
+                break
+            recovered = torch.nn.functional.linear(h[valid], dense.weight)
+            target = slim(h[valid]) - (slim.bias if slim.bias is not None else 0.0)
+            sums += torch.stack([(recovered * target).sum(), (recovered * recovered).sum()]).double()
+    dist.all_reduce(sums)
+    return float(sums[0] / sums[1]) if sums[1] > 0 else 1.0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run)
@@ -88,22 +108,28 @@ def main(argv: list[str] | None = None) -> int:
     slim = build_head(config.model, label_range, seed=config.train.seed)
     slim.load_state_dict(shard["head"])
 
-    train = make_loader(config.data.train, batch_size, grid.rank, grid.world_size, shuffle=False)
+    def train_batches():
+        return make_loader(config.data.train, batch_size, grid.rank, grid.world_size, shuffle=False)
+
     dense = recover_dense_head(
         slim,
-        group_batches(backbone, train, grid, batch_size),
+        group_batches(backbone, train_batches(), grid, batch_size),
         config.model.rp.recovery_lambda,
         grid.mp_group,
         grid.dp_group,
         config.model.loss,
     )
 
+    scale = calibrate_scale(dense, slim, group_batches(backbone, train_batches(), grid, batch_size))
+    with torch.no_grad():
+        dense.weight.mul_(scale)
+
     def test_metrics(head) -> dict[str, float]:
         test = make_loader(config.data.test, batch_size, grid.rank, grid.world_size, shuffle=False)
         metrics = XMCMetrics(manifest.num_labels, manifest.label_frequencies, manifest.num_samples)
         return evaluate(backbone, head, test, grid, label_range, batch_size, metrics)
 
-    report = {"slim": test_metrics(slim), "recovered": test_metrics(dense)}
+    report = {"slim": test_metrics(slim), "recovered": test_metrics(dense), "scale": scale}
 
     # The recovered head becomes an ordinary dense-head run that predict and train can continue.
     out = run_dir / "recovered"
@@ -145,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         )["final"]
     if grid.rank == 0:
         (out / "recovery_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"recovered W scaled by {scale:.4g} onto the slim model's logit scale", flush=True)
         for name, values in report.items():
+            if not isinstance(values, dict):
+                continue
             shown = "  ".join(f"{k} {100 * values[k]:.2f}" for k in ("P@1", "P@3", "P@5", "PSP@5"))
             print(f"{name:>24}: {shown}", flush=True)
     return 0

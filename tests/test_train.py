@@ -8,18 +8,22 @@ fixtures, because each DeepSpeed start costs tens of seconds on 2 cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tests.launchers import LAUNCH_ENV, ROOT, run_launched
 
 TRAIN = ROOT / "launch" / "train.py"
 PREDICT = ROOT / "launch" / "predict.py"
+RECOVER = ROOT / "launch" / "recover.py"
 STEPS = 16
 BASE = [
     "data.batch_size=32",
@@ -30,7 +34,7 @@ BASE = [
     "model.head=dense",
     "model.loss=softmax",
     "parallel.model_parallel=1",
-    "deepspeed.zero_optimization.stage=1",
+    f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero1.json'}",
     f"train.steps={STEPS}",
     "train.lr=0.03",
     "train.log_every=1",
@@ -188,3 +192,46 @@ def test_nan_losses_are_skipped_then_abort(tmp_path, data):
     assert proc.returncode != 0
     assert "3 non-finite losses in a row at step 3" in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step00000002"]
+
+
+@pytest.mark.parametrize("ds", ["zero2", "zero3", "zero1_bf16", "zero2_offload"])
+def test_deepspeed_zero_stages_precisions_and_offload(tmp_path, data, ds):
+    """Every shipped DeepSpeed config trains the backbone (its weights move) and checkpoints it."""
+    out = tmp_path / "run"
+    sets = [f"deepspeed={ROOT / 'configs' / 'deepspeed' / f'{ds}.json'}", "train.steps=4"]
+    sets += ["train.eval_every=0", "train.checkpoint_every=2"]
+    proc, _ = train("deepspeed", out, data, *sets)
+    ok(proc)
+    assert all(math.isfinite(r["loss"]) for r in records(out, "train"))
+    first, last = (
+        torch.load(out / "checkpoints" / f"step0000000{s}" / "backbone.pt", weights_only=True) for s in (2, 4)
+    )
+    assert set(first) == {"bag.weight", "bag_bias", "mlp.0.weight", "mlp.0.bias"}
+    assert all(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_rp_run_exchanges_topk_and_recovers_a_dense_head(tmp_path, data):
+    """dp=2 replicas of an RP head exchange 1% top-k gradients through Horovod; recover.py then builds
+    the dense head, fine-tunes it and leaves a run that predict.py reads."""
+    out = tmp_path / "rp"
+    sets = ["model.head=rp", "model.rp.dim=8", "parallel.compression=topk", "parallel.topk_fraction=0.01"]
+    proc, _ = train("deepspeed", out, data, *sets)
+    ok(proc)
+    # 1% of V (200 x 8) and of b (200), rounded up, as (int32 index, float32 value) pairs
+    assert {r["exchange_bytes"] for r in records(out, "train")} == {(16 + 2) * 8}
+    result = final(out)
+    assert result["final"]["P@1"] > 1.5 * result["popularity_baseline"]["P@1"], result
+    proc, _ = run_launched(
+        "deepspeed", 2, RECOVER, ["--run", str(out), "--finetune-steps", "4"], cwd=tmp_path
+    )
+    ok(proc)
+    report = json.loads((out / "recovered" / "recovery_report.json").read_text())
+    assert set(report) == {"slim", "recovered", "finetuned", "scale"}
+    assert report["slim"] == pytest.approx(result["final"], abs=1e-6)
+    assert report["finetuned"]["P@1"] > result["popularity_baseline"]["P@1"], report
+    assert final(out / "recovered")["step"] == STEPS + 4
+    pred = tmp_path / "pred.npy"
+    args = ["--checkpoint", str(out / "recovered"), "--out", str(pred)]
+    proc, _ = run_launched("deepspeed", 2, PREDICT, args, cwd=tmp_path)
+    ok(proc)
+    assert np.load(pred).shape == (400, 5)
