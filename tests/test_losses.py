@@ -9,6 +9,8 @@ test_model_parallel.py.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.parallel.grid import build_grid
 from pipeline.parallel.label_range import LabelRange, split_labels
-from pipeline.parallel.losses import LOSS_KINDS, distributed_loss, local_targets
+from pipeline.parallel.losses import LOSS_KINDS, distributed_loss
 from tests.multiproc import run_ranks
 
 TOL = 1e-5
@@ -35,8 +37,17 @@ def make_case(rows: int, num_labels: int, seed: int, scale: float = 30.0):
     return z, indptr, indices, valid
 
 
+def dense_targets(indptr, indices, num_labels: int) -> torch.Tensor:
+    """0/1 targets [N, num_labels], built label by label (independent of the losses' sparse targets)."""
+    y = torch.zeros(indptr.numel() - 1, num_labels)
+    for row in range(indptr.numel() - 1):
+        for label in indices[indptr[row] : indptr[row + 1]].tolist():
+            y[row, label] = 1
+    return y
+
+
 def reference(kind: str, z: torch.Tensor, indptr, indices, valid) -> torch.Tensor:
-    y = local_targets(indptr, indices, LabelRange(0, z.shape[1], z.shape[1]), z.dtype)
+    y = dense_targets(indptr, indices, z.shape[1])
     if kind == "softmax":
         per = -(y / y.sum(1, keepdim=True).clamp(min=1) * F.log_softmax(z, 1)).sum(1)
     elif kind == "bce":
@@ -122,3 +133,31 @@ def test_padding_and_validation():
         distributed_loss("hinge", z, indptr, indices, lr, torch.tensor([True, True]), None)
     with pytest.raises(ValueError, match="do not fit"):
         distributed_loss("bce", z, indptr, indices, LabelRange(0, 4, 4), torch.tensor([True, True]), None)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_duplicate_labels_count_once(kind):
+    z, indptr, indices, valid = make_case(9, 50, seed=5)
+    rows = torch.repeat_interleave(torch.arange(9), torch.diff(indptr))
+    # every label listed twice, in another order
+    doubled = torch.cat([indices, indices.flip(0)])
+    order = torch.sort(torch.cat([rows, rows.flip(0)]), stable=True).indices
+    indptr2 = torch.cat([torch.zeros(1, dtype=torch.long), (2 * torch.diff(indptr)).cumsum(0)])
+    lr = LabelRange(0, 50, 50)
+    _, value_err, grad_err = compare(kind, z, indptr2, doubled[order], valid, lr, None)
+    assert value_err <= TOL and grad_err <= TOL
+
+
+def test_softmax_keeps_no_logits_and_backward_runs_once():
+    x = torch.randn(4, 6, requires_grad=True)
+    logits = x * 2  # its backward saves no output: only the loss could keep the logits alive
+    indptr, indices = torch.tensor([0, 1, 2, 2, 3]), torch.tensor([1, 5, 0])
+    loss = distributed_loss(
+        "softmax", logits, indptr, indices, LabelRange(0, 6, 6), torch.ones(4, dtype=bool), None
+    )
+    alive = weakref.ref(logits)
+    del logits
+    assert alive() is None
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()

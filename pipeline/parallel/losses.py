@@ -12,18 +12,28 @@ neither value nor gradient. Per-sample losses, with y the sample's label set and
 - softmax: cross-entropy against targets y / |y| (multi-class when |y| = 1):
   logsumexp(z) - mean_{l in y} z_l. A sample without labels contributes 0 (and still counts as valid).
   Computed the vocab-parallel way: max all-reduce, then one all-reduce of the shifted sum of
-  exponentials, the target logits and |y|; the gradient softmax(z) - y / |y| is formed locally.
+  exponentials and the target logits; the gradient softmax(z) - y / |y| is formed locally.
 - bce: sum over all C labels of BCE-with-logits(z_l, [l in y]).
 - squared_hinge: sum over all C labels of max(0, 1 - s_l z_l)^2, s_l = +1 if l in y else -1.
   Both are sums of per-label terms: the local part is summed across the group with an all-reduce
   whose backward is the identity (no other rank's terms depend on our logits).
 
-Label ids are a set per sample: duplicates count once.
+Label ids are a set per sample: duplicates count once; ids outside [0, num_labels) are ignored.
+
+Cost: the logits are [N, C_local] with C_local up to 10^5..10^6, while a sample has a handful of
+labels, so no dense target matrix or [N, C] mask is built. Each loss is "a dense term over all labels"
+plus "a correction at the (row, label) target pairs". The softmax keeps a single [N, C_local] buffer:
+exp(z - max) in the forward, turned in place into the gradient in the backward (which can therefore
+run once: there is no retain_graph use of the loss). bce and squared_hinge save only the logits (no
+extra [N, C_local] tensor between forward and backward) and form the gradient in one new buffer.
+Row-blocked variants (temporaries that stay in cache) were measured and lost on a loaded 2-core
+machine: many small parallel kernels wait on each other more than the memory passes they save.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,19 +49,39 @@ LOSS_KINDS: tuple[str, ...] = ("softmax", "bce", "squared_hinge")
 def local_targets(
     label_indptr: torch.Tensor, label_indices: torch.Tensor, label_range: LabelRange, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Dense 0/1 targets [N, label_range.size] of the labels in this rank's range."""
-    n = label_indptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n, device=label_indptr.device), torch.diff(label_indptr))
-    mine = (label_indices >= label_range.start) & (label_indices < label_range.stop)
-    y = torch.zeros(n, label_range.size, dtype=dtype, device=label_indices.device)
-    y[rows[mine], label_indices[mine] - label_range.start] = 1
+    """Dense 0/1 targets [N, label_range.size] of the labels in this rank's range (for tests and
+    small problems; the losses use `target_pairs`)."""
+    rows, cols, _ = target_pairs(label_indptr, label_indices, label_range)
+    y = torch.zeros(label_indptr.numel() - 1, label_range.size, dtype=dtype, device=label_indices.device)
+    y[rows, cols] = 1
     return y
+
+
+def target_pairs(
+    label_indptr: torch.Tensor, label_indices: torch.Tensor, label_range: LabelRange
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, local columns) of the distinct (sample, label) pairs in this rank's range, and |y| [N],
+    the number of distinct labels of each sample over all ranges (the CSR is the same on every rank,
+    so no all-reduce is needed for it)."""
+    n, total = label_indptr.numel() - 1, label_range.num_labels
+    rows = torch.repeat_interleave(torch.arange(n, device=label_indptr.device), torch.diff(label_indptr))
+    known = (label_indices >= 0) & (label_indices < total)
+    pairs = torch.unique(rows[known] * max(total, 1) + label_indices[known])
+    rows, labels = pairs // max(total, 1), pairs % max(total, 1)
+    count = torch.bincount(rows, minlength=n)
+    mine = (labels >= label_range.start) & (labels < label_range.stop)
+    return rows[mine], labels[mine] - label_range.start, count
 
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def _rows_sum(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of values per row id, [n]."""
+    return values.new_zeros(n).index_add_(0, rows, values)
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -67,27 +97,86 @@ class _SumOverGroup(torch.autograd.Function):
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Vocab-parallel cross-entropy against y / |y|, weighted per sample by `weight` [N]."""
+    """Vocab-parallel cross-entropy against y / |y|, weighted per sample by `weight` [N].
+
+    y is given as target pairs (rows, cols) and |y| as count [N] (>= 1 where weight > 0).
+    """
 
     @staticmethod
-    def forward(ctx, z, y, weight, group):
-        m = z.max(dim=1).values if z.shape[1] else torch.full_like(weight, -torch.inf)
-        m = _all_reduce(m.detach().clone(), group, dist.ReduceOp.MAX)
-        shifted = z - m[:, None]
-        exp = shifted.exp()
-        # One all-reduce of [sum exp(z - m), sum_{l in y} (z_l - m), |y|] per sample.
-        sums = _all_reduce(torch.stack([exp.sum(1), (shifted * y).sum(1), y.sum(1)]), group)
-        sum_exp, target_sum, count = sums
-        has_labels = count > 0
-        per_sample = torch.where(has_labels, sum_exp.log() - target_sum / count.clamp(min=1), 0)
-        weight = weight * has_labels
-        ctx.save_for_backward(exp.div_(sum_exp[:, None]), y, count.clamp(min=1), weight)
+    def forward(ctx, z, rows, cols, count, weight, group):
+        n = z.shape[0]
+        m = z.amax(dim=1) if z.shape[1] else z.new_full((n,), -torch.inf)
+        m = _all_reduce(m, group, dist.ReduceOp.MAX)
+        exp = torch.sub(z, m[:, None]).exp_()  # the one [N, C_local] buffer, the gradient in the backward
+        # One all-reduce of [sum exp(z - m), sum_{l in y} (z_l - m)] per sample.
+        target = _rows_sum(z[rows, cols] - m[rows], rows, n)
+        sum_exp, target_sum = _all_reduce(torch.stack([exp.sum(1), target]), group)
+        per_sample = torch.where(weight > 0, sum_exp.log() - target_sum / count, 0)
+        # Kept on ctx, not saved: the backward overwrites it with the gradient.
+        ctx.exp = exp
+        ctx.save_for_backward(rows, cols, count, weight, sum_exp)
         return (per_sample * weight).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        p, y, count, weight = ctx.saved_tensors  # d loss / d z = weight * (softmax(z) - y / |y|)
-        return (p - y / count[:, None]) * (weight * grad)[:, None], None, None, None
+        rows, cols, count, weight, sum_exp = ctx.saved_tensors
+        if ctx.exp is None:
+            raise RuntimeError("the softmax loss's backward reuses its buffer and can run only once")
+        g, ctx.exp = ctx.exp, None
+        # d loss / d z = weight * (exp / sum_exp - y / |y|)
+        scale = weight * grad
+        g.mul_((scale / sum_exp)[:, None])
+        g.index_put_((rows, cols), -(scale / count)[rows], accumulate=True)
+        return g, None, None, None, None, None
+
+
+class _SparseTargetLoss(torch.autograd.Function):
+    """Per-label loss as a dense term over all labels plus a correction at the target pairs, weighted
+    per row. Only the logits are saved; the backward forms the gradient in one new buffer."""
+
+    @staticmethod
+    def forward(ctx, z, rows, cols, weight, kind):
+        terms = _TERMS[kind]
+        per_row = terms.dense(z).sum(1) + _rows_sum(terms.target_fix(z[rows, cols]), rows, z.shape[0])
+        ctx.terms = terms
+        ctx.save_for_backward(z, rows, cols, weight)
+        return (per_row * weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, rows, cols, weight = ctx.saved_tensors
+        scale = weight * grad
+        g = ctx.terms.dense_grad(z).mul_(scale[:, None])
+        g.index_put_((rows, cols), ctx.terms.target_grad(z[rows, cols]) * scale[rows])
+        return g, None, None, None, None
+
+
+class _Terms(NamedTuple):
+    """A per-label loss as f(z) for every label (the non-target term), plus f_target(z) - f(z) at the
+    targets; the gradient f'(z) everywhere, overwritten by f_target'(z) at the targets."""
+
+    dense: Callable[[torch.Tensor], torch.Tensor]
+    target_fix: Callable[[torch.Tensor], torch.Tensor]
+    dense_grad: Callable[[torch.Tensor], torch.Tensor]
+    target_grad: Callable[[torch.Tensor], torch.Tensor]
+
+
+_TERMS = {
+    # BCE(z, 0) = softplus(z), BCE(z, 1) = softplus(-z) = softplus(z) - z
+    "bce": _Terms(
+        dense=F.softplus,
+        target_fix=torch.neg,
+        dense_grad=torch.sigmoid,
+        target_grad=lambda z: -torch.sigmoid(-z),
+    ),
+    # max(0, 1 + z)^2 for a non-target label, max(0, 1 - z)^2 for a target
+    "squared_hinge": _Terms(
+        dense=lambda z: (z + 1).clamp_(min=0).square_(),
+        target_fix=lambda z: (1 - z).clamp_(min=0).square_() - (z + 1).clamp_(min=0).square_(),
+        dense_grad=lambda z: (z + 1).clamp_(min=0).mul_(2),
+        target_grad=lambda z: (1 - z).clamp_(min=0).mul_(-2),
+    ),
+}
 
 
 def distributed_loss(
@@ -110,16 +199,14 @@ def distributed_loss(
             f"logits {tuple(logits_local.shape)}, {label_indptr.numel() - 1} label rows and "
             f"{valid.numel()} valid flags do not fit {label_range.size} local labels"
         )
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {LOSS_KINDS}")
     z = logits_local.float()
     indptr, indices, valid = (t.to(z.device) for t in (label_indptr, label_indices, valid))
-    y = local_targets(indptr, indices, label_range, z.dtype)
+    rows, cols, count = target_pairs(indptr, indices, label_range)
     weight = valid.to(z.dtype) / valid.sum().clamp(min=1)
     if kind == "softmax":
-        return _SoftmaxCrossEntropy.apply(z, y, weight, group)
-    if kind == "bce":
-        per_label = F.binary_cross_entropy_with_logits(z, y, reduction="none")
-    elif kind == "squared_hinge":
-        per_label = F.relu(1 - (2 * y - 1) * z).square()
-    else:
-        raise ValueError(f"unknown loss {kind!r}; expected one of {LOSS_KINDS}")
-    return _SumOverGroup.apply((per_label.sum(1) * weight).sum(), group)
+        # A sample without labels contributes 0: weight 0, and count 1 to keep the division finite.
+        weight = weight * (count > 0)
+        return _SoftmaxCrossEntropy.apply(z, rows, cols, count.clamp(min=1).to(z.dtype), weight, group)
+    return _SumOverGroup.apply(_SparseTargetLoss.apply(z, rows, cols, weight, kind), group)
