@@ -96,6 +96,22 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
 _injected_nans = 0
 
 
+def keep_freed_memory() -> None:
+    """CPU with glibc: keep freed large blocks for reuse instead of unmapping them, so the step's
+    (B x C_local) logits and gradient buffers are not page-faulted in, zeroed, at every step (what
+    CUDA's caching allocator does on GPUs; about 2x on the loss at C = 200,000). The process keeps its
+    peak memory instead of returning it to the OS."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        warnings.warn("mallopt refused to keep freed memory", stacklevel=2)
+
+
 def backbone_optimizer(backbone: nn.Module, ds_config: dict[str, Any], lr: float) -> torch.optim.Optimizer:
     """Adam for the backbone; DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed refuses
     a plain torch optimizer there: it would run the offloaded step slowly)."""
@@ -150,6 +166,8 @@ class Trainer:
         self.label_range: LabelRange = split_labels(m.num_labels, grid.mp, grid.mp_rank)
         self.rank0 = grid.rank == 0
 
+        if not torch.cuda.is_available():
+            keep_freed_memory()
         torch.manual_seed(config.train.seed)  # identical backbone and replicated head parts everywhere
         backbone = build_backbone(config.model, m.feature_kind, m.num_features)
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
