@@ -55,10 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def group_batches(backbone, loader, grid, batch_size: int):
     """(gathered embeddings, gathered labels CSR, gathered validity) of the model-parallel group."""
     dtype = next(backbone.parameters()).dtype
-    with torch.no_grad():
-        for batch in loader:
+    for batch in loader:
+        with torch.no_grad():  # not around the yield: a caller that stops early would inherit it
             h = gather_embeddings(embed(backbone, batch, batch_size, dtype), grid.mp_group)
-            yield (h, *gather_labels(*padded_labels(batch, batch_size), grid.mp_group))
+        yield (h, *gather_labels(*padded_labels(batch, batch_size), grid.mp_group))
 
 
 def calibrate_scale(dense, slim, batches, max_batches: int = 16) -> float:
