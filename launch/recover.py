@@ -35,6 +35,7 @@ from pipeline.parallel.gather_labels import gather_labels  # noqa: E402
 from pipeline.parallel.grid import build_grid  # noqa: E402
 from pipeline.parallel.horovod import init_horovod, shutdown_horovod  # noqa: E402
 from pipeline.parallel.label_range import split_labels  # noqa: E402
+from pipeline.parallel.losses import distributed_loss  # noqa: E402
 from pipeline.parallel.model_parallel import gather_embeddings  # noqa: E402
 from pipeline.train import checkpoint as ckpt  # noqa: E402
 from pipeline.train.evaluate import embed, evaluate, padded_labels  # noqa: E402
@@ -61,24 +62,32 @@ def group_batches(backbone, loader, grid, batch_size: int):
         yield (h, *gather_labels(*padded_labels(batch, batch_size), grid.mp_group))
 
 
-def calibrate_scale(dense, slim, batches, max_batches: int = 16) -> float:
-    """Least-squares factor a with a * (W h) ~ slim logits, over the first batches of training data.
+def calibrate_scale(dense, loss_kind: str, label_range, group, batches, max_batches: int = 16) -> float:
+    """The factor a > 0 (a power of 2 in 2^-20 .. 2^8) that minimises the training loss of
+    a * (W h) + b over the first batches of training data.
 
     The dual formula gives W's direction; its scale is right only at the optimum of the regularised
-    slim problem. After a finite number of Adam steps the slim model is not there, and W h can be off
-    by orders of magnitude, which the logit-scale-sensitive losses (and a fine-tune's first steps)
-    punish. At the optimum the factor is 1; away from it, it puts W h on the scale of the slim model's
-    V R^T h, next to the bias copied from it. Sums run over every rank's label slice and batches."""
-    sums = torch.zeros(2, dtype=torch.float64)
+    slim problem. After a finite number of Adam steps the slim model is not there and W h can be off
+    by orders of magnitude, which softmax-type losses (and a fine-tune's first steps) punish. At the
+    optimum the search returns about 1. Every rank of the group evaluates the same candidates (the
+    loss all-reduces over the group); sums over data-parallel replicas are all-reduced at the end."""
+    factors = torch.tensor([2.0**e for e in range(-20, 9)], dtype=torch.float64)
+    totals = torch.zeros(len(factors) + 1, dtype=torch.float64)  # summed losses, then the sample count
+    bias = dense.bias if dense.bias is not None else 0.0
     with torch.no_grad():
-        for i, (h, _, _, valid) in enumerate(batches):
+        for i, (h, indptr, indices, valid) in enumerate(batches):
             if i == max_batches:
                 break
-            recovered = torch.nn.functional.linear(h[valid], dense.weight)
-            target = slim(h[valid]) - (slim.bias if slim.bias is not None else 0.0)
-            sums += torch.stack([(recovered * target).sum(), (recovered * recovered).sum()]).double()
-    dist.all_reduce(sums)
-    return float(sums[0] / sums[1]) if sums[1] > 0 else 1.0
+            wh = torch.nn.functional.linear(h, dense.weight)
+            n = valid.sum()
+            for j, a in enumerate(factors.tolist()):
+                loss = distributed_loss(loss_kind, wh * a + bias, indptr, indices, label_range, valid, group)
+                totals[j] += loss.double() * n
+            totals[-1] += n
+    if group is not None:  # each model-parallel group saw its own batches: sum over the whole world
+        totals /= dist.get_world_size(group)
+    dist.all_reduce(totals)
+    return float(factors[int(torch.argmin(totals[:-1]))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         config.model.loss,
     )
 
-    scale = calibrate_scale(dense, slim, group_batches(backbone, train_batches(), grid, batch_size))
+    scale = calibrate_scale(
+        dense,
+        config.model.loss,
+        label_range,
+        grid.mp_group,
+        group_batches(backbone, train_batches(), grid, batch_size),
+    )
     with torch.no_grad():
         dense.weight.mul_(scale)
 
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         )["final"]
     if grid.rank == 0:
         (out / "recovery_report.json").write_text(json.dumps(report, indent=1) + "\n")
-        print(f"recovered W scaled by {scale:.4g} onto the slim model's logit scale", flush=True)
+        print(f"recovered W scaled by {scale:.4g} (the loss-minimising power of 2)", flush=True)
         for name, values in report.items():
             if not isinstance(values, dict):
                 continue

@@ -37,6 +37,7 @@ BASE = [
     f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero1.json'}",
     f"train.steps={STEPS}",
     "train.lr=0.03",
+    "train.warmup_steps=0",
     "train.log_every=1",
     "train.eval_every=8",
     "train.checkpoint_every=4",
@@ -229,7 +230,7 @@ def test_rp_run_exchanges_topk_and_recovers_a_dense_head(tmp_path, data):
     assert set(report) == {"slim", "recovered", "finetuned", "scale"}
     assert report["slim"] == pytest.approx(result["final"], abs=1e-6)
     assert report["finetuned"]["P@1"] > result["popularity_baseline"]["P@1"], report
-    assert final(out / "recovered")["step"] == STEPS + 4
+    assert records(out / "recovered", "eval")[-1]["step"] == STEPS + 4
     pred = tmp_path / "pred.npy"
     args = ["--checkpoint", str(out / "recovered"), "--out", str(pred)]
     proc, _ = run_launched("deepspeed", 2, PREDICT, args, cwd=tmp_path)
