@@ -9,7 +9,8 @@ bounds the attainable ratio (Amdahl) however slim the classifier, and shows the 
 The RP head multiplies in the cheap order, (h R) V^T: batch*d*k + batch*k*C multiply-adds.
 On CPU, glibc hands every [batch, C] float32 tensor (205 MB at the defaults) back to the kernel when
 it is freed and page-faults it in, zeroed, at the next allocation; that dominates the softmax's cost.
-`--keep-freed-memory` switches this off (as a caching allocator, jemalloc or tcmalloc would).
+The trainer switches this off (`pipeline/train/allocator.py`, as a caching allocator, jemalloc or
+tcmalloc would), and so does this bench by default; `--no-keep-freed-memory` measures without.
 
 Bytes: one step of the Horovod exchange (`GradientExchange`) of the RP head's gradients per
 compression mode, counted by its own accounting. With a single process Horovod has one replica, so
@@ -29,6 +30,7 @@ from pipeline.models.heads.dense import DenseHead
 from pipeline.models.heads.rp import RPHead
 from pipeline.parallel.label_range import split_labels
 from pipeline.parallel.losses import distributed_loss
+from pipeline.train.allocator import keep_freed_memory
 
 PHASES = ("head_forward", "loss_forward", "backward", "optimizer")
 
@@ -43,20 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk-fraction", type=float, default=0.01)
     parser.add_argument(
         "--keep-freed-memory",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="glibc: serve large tensors from the heap and keep freed memory (no mmap/munmap and page "
         "faults per [batch, C] tensor, as a caching allocator would); affects both heads alike",
     )
-
-
-def keep_freed_memory() -> None:
-    """mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2 GiB - 1): big blocks are reused, not
-    returned to the kernel and faulted in again (zeroed) at the next step."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    if not (libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1)):
-        raise RuntimeError("mallopt refused the settings")
 
 
 class StepTimer:

@@ -43,6 +43,7 @@ from pipeline.parallel.label_range import LabelRange, split_labels
 from pipeline.parallel.losses import distributed_loss
 from pipeline.parallel.model_parallel import gather_embeddings, sum_replicated_grads
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.allocator import keep_freed_memory
 from pipeline.train.evaluate import embed, evaluate, padded_labels, popularity
 from pipeline.train.logbook import Logbook
 from pipeline.train.metrics import XMCMetrics
@@ -94,22 +95,6 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 _injected_nans = 0
-
-
-def keep_freed_memory() -> None:
-    """CPU with glibc: keep freed large blocks for reuse instead of unmapping them, so the step's
-    (B x C_local) logits and gradient buffers are not page-faulted in, zeroed, at every step (what
-    CUDA's caching allocator does on GPUs; about 2x on the loss at C = 200,000). The process keeps its
-    peak memory instead of returning it to the OS."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        warnings.warn("mallopt refused to keep freed memory", stacklevel=2)
 
 
 def backbone_optimizer(backbone: nn.Module, ds_config: dict[str, Any], lr: float) -> torch.optim.Optimizer:
