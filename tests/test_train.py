@@ -11,15 +11,18 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.launchers import LAUNCH_ENV, ROOT, run_launched
+from pipeline.train.checkpoint import latest_checkpoint
+from tests.launchers import LAUNCH_ENV, ROOT, launch_command, run_launched
 
 TRAIN = ROOT / "launch" / "train.py"
 PREDICT = ROOT / "launch" / "predict.py"
@@ -64,7 +67,7 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def train(launcher: str, out: Path, data: Path, *sets: str, resume: bool = False, env: dict | None = None):
+def train_args(out: Path, data: Path, *sets: str, resume: bool = False) -> list[str]:
     args = ["--config", str(ROOT / "configs" / "demo.json")]
     if resume:
         args += ["--resume", "auto"]
@@ -76,6 +79,11 @@ def train(launcher: str, out: Path, data: Path, *sets: str, resume: bool = False
     ]
     for s in [*overrides, *sets]:
         args += ["--set", s]
+    return args
+
+
+def train(launcher: str, out: Path, data: Path, *sets: str, resume: bool = False, env: dict | None = None):
+    args = train_args(out, data, *sets, resume=resume)
     return run_launched(launcher, 2, TRAIN, args, cwd=out.parent, env=env, timeout=400)
 
 
@@ -236,3 +244,35 @@ def test_rp_run_exchanges_topk_and_recovers_a_dense_head(tmp_path, data):
     proc, _ = run_launched("deepspeed", 2, PREDICT, args, cwd=tmp_path)
     ok(proc)
     assert np.load(pred).shape == (400, 5)
+
+
+def test_ctrl_c_leaves_the_last_checkpoint_intact(tmp_path, data):
+    """SIGINT to the launcher's process group in the middle of a run that checkpoints every 2 steps:
+    the job ends non-zero, and the newest visible checkpoint is complete and loads."""
+    out = tmp_path / "run"
+    out.mkdir()
+    sets = ["train.steps=5000", "train.checkpoint_every=2", "train.eval_every=0", "train.keep_checkpoints=2"]
+    cmd = [*launch_command("deepspeed", 2), str(TRAIN), *train_args(out, data, *sets)]
+    env = {**os.environ, **LAUNCH_ENV}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while (latest_checkpoint(out / "checkpoints") or Path("step0")).name < "step00000008":
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 8"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    newest = latest_checkpoint(out / "checkpoints")
+    assert newest is not None and newest.name >= "step00000008"
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["step"] == int(newest.name.removeprefix("step"))
+    torch.load(newest / "backbone.pt", weights_only=True)
+    for rank in range(2):
+        shard = torch.load(newest / "head" / f"rank{rank:05d}.pt", weights_only=False)
+        assert shard["position"]["step"] == meta["step"]
