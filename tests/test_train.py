@@ -276,3 +276,23 @@ def test_ctrl_c_leaves_the_last_checkpoint_intact(tmp_path, data):
     for rank in range(2):
         shard = torch.load(newest / "head" / f"rank{rank:05d}.pt", weights_only=False)
         assert shard["position"]["step"] == meta["step"]
+
+
+def test_precomputed_dense_embeddings_train_with_an_identity_backbone(tmp_path):
+    """Dense .npy embeddings + label file -> shards -> 2 mpirun ranks, identity backbone, dense head."""
+    rng = np.random.default_rng(0)
+    prototypes = rng.normal(size=(50, 32)).astype(np.float32)
+    for split, n in (("train", 1200), ("test", 300)):
+        labels = rng.integers(0, 50, size=(n, 2))
+        x = prototypes[labels].sum(1) + 0.5 * rng.normal(size=(n, 32)).astype(np.float32)
+        np.save(tmp_path / f"{split}.npy", x.astype(np.float16))
+        (tmp_path / f"{split}.txt").write_text("".join(f"{a},{b}\n" for a, b in labels))
+        cmd = [sys.executable, str(ROOT / "launch" / "prepare_data.py"), "dense", "--num-labels", "50"]
+        cmd += ["--embeddings", str(tmp_path / f"{split}.npy"), "--labels", str(tmp_path / f"{split}.txt")]
+        subprocess.run([*cmd, "--out", str(tmp_path / "data" / split)], check=True, capture_output=True)
+    out = tmp_path / "run"
+    sets = ["model.backbone=dense", "model.embed_dim=32", "model.hidden_dims=[]", "train.checkpoint_every=0"]
+    proc, _ = train("mpirun", out, tmp_path / "data", *sets)
+    ok(proc)
+    result = final(out)
+    assert result["final"]["P@1"] > 2 * result["popularity_baseline"]["P@1"], result

@@ -42,13 +42,17 @@ class BowBackbone(nn.Module):
 
 
 class DenseBackbone(nn.Module):
-    """Dense features (e.g. precomputed text embeddings): an MLP, or the identity when no layer is asked
-    for and the widths already agree."""
+    """Dense features (e.g. precomputed text embeddings): an MLP, or, when no layer is asked for and
+    the widths already agree, the features times one learned scale (the logits' temperature). The
+    scale keeps a parameter in the DeepSpeed engine, so precomputed embeddings take the same path."""
 
     def __init__(self, in_dim: int, embed_dim: int, hidden_dims: list[int]) -> None:
         super().__init__()
         widths = [in_dim, *hidden_dims, embed_dim]
-        self.mlp = nn.Identity() if widths == [in_dim, in_dim] else mlp(widths)
+        identity = widths == [in_dim, in_dim]
+        self.mlp = nn.Identity() if identity else mlp(widths)
+        self.scale = nn.Parameter(torch.ones(1)) if identity else None  # 1-d: ZeRO flattens params
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(features.float())
+        h = self.mlp(features)
+        return h * self.scale if self.scale is not None else h
