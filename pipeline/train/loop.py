@@ -145,7 +145,7 @@ class Trainer:
         self.config, self.grid = config, grid
         self.out = Path(config.train.output_dir)
         self.train_manifest = read_manifest(config.data.train)
-        self.test_manifest = read_manifest(config.data.test)
+        read_manifest(config.data.test)  # fail now, not after training, if the test set is missing
         m = self.train_manifest
         self.num_labels = m.num_labels
         self.label_range: LabelRange = split_labels(m.num_labels, grid.mp, grid.mp_rank)
@@ -167,9 +167,9 @@ class Trainer:
             config=ds_config,
         )
         self.dtype = next(self.engine.module.parameters()).dtype
-        # fused: one pass over each (C_local x ...) tensor instead of several; matters at 10^6 labels
         # The RP head trains with the L2 penalty its dual recovery assumes (Adam's coupled weight decay
-        # adds lambda * w to the gradient: the gradient of (lambda/2)||w||^2).
+        # adds lambda * w to the gradient: the gradient of (lambda/2)||w||^2). Fused: one pass over each
+        # (C_local x ...) tensor instead of several, which matters at 10^6 labels.
         decay = config.model.rp.recovery_lambda if config.model.head == "rp" else 0.0
         self.head_optimizer = torch.optim.Adam(
             self.head.parameters(), lr=config.train.lr, weight_decay=decay, fused=True
