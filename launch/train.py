@@ -53,10 +53,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_world_size(config: RunConfig) -> None:
-    """Fail before start-up when the model-parallel size cannot divide the launched world."""
+def check_before_start(config: RunConfig) -> None:
+    """Fail before start-up when the model-parallel size cannot divide the launched world, or when the
+    synthetic set would have to be generated but data.train/data.test are not a <folder>/train,
+    <folder>/test pair."""
     world = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
     Layout(int(world), config.parallel.model_parallel)
+    train, test = Path(config.data.train), Path(config.data.test)
+    generate = config.data.synthetic is not None and not (train / "manifest.json").is_file()
+    if generate and ((train.name, test.name) != ("train", "test") or train.parent != test.parent):
+        raise ConfigError(
+            f"data.synthetic: generating needs data.train and data.test to be <folder>/train and "
+            f"<folder>/test, got {train} and {test}"
+        )
 
 
 def maybe_inject_fault(rank: int) -> None:
@@ -118,18 +127,13 @@ def train(config: RunConfig, grid, resume: str | None) -> None:
 def ensure_data(config: RunConfig) -> None:
     """Generate the synthetic set of `data.synthetic` when the training folder holds no manifest.
 
-    The generator writes `<folder>/train` and `<folder>/test`, so data.train and data.test must be
-    such a pair. Shards and manifests are written under temporary names and renamed when complete."""
+    The generator writes `<folder>/train` and `<folder>/test` (checked by `check_before_start`).
+    Shards and manifests are written under temporary names and renamed when complete."""
     from pipeline.data import write_synthetic
 
-    train, test = Path(config.data.train), Path(config.data.test)
+    train = Path(config.data.train)
     if (train / "manifest.json").is_file() or config.data.synthetic is None:
         return  # the loader reports a missing or bad data set itself
-    if (train.name, test.name) != ("train", "test") or train.parent != test.parent:
-        raise ConfigError(
-            f"data.synthetic: generating needs data.train and data.test to be <folder>/train and "
-            f"<folder>/test, got {train} and {test}"
-        )
     s = config.data.synthetic
     print(f"generating the synthetic data set in {train.parent} ({s.num_train} + {s.num_test} samples)")
     write_synthetic(
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.set)
-        check_world_size(config)
+        check_before_start(config)
     except (ConfigError, GridError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

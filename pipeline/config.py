@@ -175,6 +175,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not isinstance(ds, dict):
             raise ConfigError(f"deepspeed: {ds_path} must hold a JSON object")
         config.deepspeed = ds
+    if config.deepspeed.get("fp16", {}).get("enabled"):
+        raise ConfigError(
+            "deepspeed.fp16.enabled: not supported (the head shares the backbone's loss and fp16 loss "
+            "scaling would scale its gradients); use bf16"
+        )
     return config
 
 

@@ -47,6 +47,7 @@ def write(tmp_path: Path, obj: object, name: str = "run.json") -> Path:
         ({}, ["train.lr=-1"], "train.lr: Input should be greater than 0"),
         ({}, ["nonsense"], "--set 'nonsense': expected KEY.PATH=VALUE"),
         ({"deepspeed": "missing_ds.json"}, [], "deepspeed: file not found"),
+        ({"deepspeed": {"fp16": {"enabled": True}}}, [], "deepspeed.fp16.enabled: not supported"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path, raw, overrides, message):
@@ -102,6 +103,11 @@ def test_shipped_configs_are_valid():
         ({"model": {"hed": 1}}, [], "config error: model.hed: unknown key"),
         ({}, ["--set", "parallel.model_parallel=abc"], "config error: parallel.model_parallel:"),
         ({"deepspeed": "nowhere.json"}, [], "config error: deepspeed: file not found"),
+        (
+            {"data": {"train": "d/a", "test": "d/b"}},
+            [],
+            "config error: data.synthetic: generating needs data.train and data.test",
+        ),
     ],
 )
 def test_train_cli_exits_2_before_startup(tmp_path, raw, extra, message):

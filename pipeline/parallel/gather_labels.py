@@ -1,8 +1,9 @@
 """All-gather label CSR and validity masks within the model-parallel group.
 
 The output layer scores the embeddings of the whole group (gathered in group-rank order), so the
-distributed loss needs the group's targets in the same order. Labels are small next to embeddings:
-row lengths, ids and masks travel as padded tensors in three all-gathers.
+distributed loss needs the group's targets in the same order. Batches are padded to one size in the
+group, so row lengths and masks travel in one fixed-size all-gather; the label ids, whose count
+differs per rank, in one padded all-gather after their counts.
 """
 
 from __future__ import annotations
@@ -11,28 +12,25 @@ import torch
 import torch.distributed as dist
 
 
-def _gather_padded(t: torch.Tensor, group: dist.ProcessGroup, size: int) -> list[torch.Tensor]:
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    dist.all_gather(lengths, torch.tensor([t.numel()], dtype=torch.int64), group=group)
-    longest = int(max(n.item() for n in lengths))
-    padded = torch.zeros(longest, dtype=t.dtype)
-    padded[: t.numel()] = t
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded, group=group)
-    return [p[: int(n.item())] for p, n in zip(parts, lengths, strict=True)]
-
-
 def gather_labels(
     indptr: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor, group: dist.ProcessGroup | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(indptr, indices, valid) of the concatenated batches of the group, in group-rank order."""
+    """(indptr, indices, valid) of the concatenated batches of the group, in group-rank order.
+
+    Every rank of the group must pass the same number of rows (the trainer pads batches)."""
     size = 1 if group is None else dist.get_world_size(group)
     if size == 1:
         return indptr, indices, valid
-    row_lengths = _gather_padded(torch.diff(indptr), group, size)
-    ids = _gather_padded(indices.to(torch.int64), group, size)
-    masks = _gather_padded(valid.to(torch.int64), group, size)
-    lengths = torch.cat(row_lengths)
+    rows = torch.stack([torch.diff(indptr), valid.to(torch.int64)])  # [2, B]
+    all_rows = [torch.empty_like(rows) for _ in range(size)]
+    dist.all_gather(all_rows, rows, group=group)
+    counts = [int(r[0].sum()) for r in all_rows]
+    padded = torch.zeros(max(counts), dtype=torch.int64)
+    padded[: indices.numel()] = indices
+    all_ids = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(all_ids, padded, group=group)
+    lengths = torch.cat([r[0] for r in all_rows])
     all_indptr = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=all_indptr[1:])
-    return all_indptr, torch.cat(ids), torch.cat(masks).bool()
+    ids = torch.cat([i[:n] for i, n in zip(all_ids, counts, strict=True)])
+    return all_indptr, ids, torch.cat([r[1] for r in all_rows]).bool()

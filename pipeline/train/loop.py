@@ -86,11 +86,6 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     ds["train_batch_size"] = config.data.batch_size * gas * world_size
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("zero_allow_untested_optimizer", True)
-    if ds.get("fp16", {}).get("enabled"):
-        raise TrainingError(
-            "deepspeed.fp16: the head shares the backbone's loss, and fp16 loss scaling would scale its "
-            "gradients; use bf16 (same memory, no loss scale) or fp32"
-        )
     return ds
 
 
