@@ -27,8 +27,11 @@ def run_train(launcher: str, nranks: int, out: Path, *sets: str, env: dict | Non
 @pytest.mark.parametrize("mp", [1, 2])
 def test_two_ranks_agree_and_allreduce_exactly(tmp_path, launcher, controller, mp):
     out = tmp_path / "run"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc, _ = run_train(launcher, 2, out, f"parallel.model_parallel={mp}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU shared-memory allreduce segments are unlinked, not left in /dev/shm
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     assert f"self-check ok: 2 ranks ({2 // mp} dp x {mp} mp)" in proc.stdout
     reports = [json.loads((out / "selfcheck" / f"rank{r}.json").read_text()) for r in range(2)]
     for r, rep in enumerate(reports):

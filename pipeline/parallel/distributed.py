@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -82,6 +83,17 @@ def _mpi_rendezvous() -> None:
     )
 
 
+def _unlink_deepspeed_shm() -> None:
+    """DeepSpeed's CPU shared-memory allreduce (0.19) creates one /dev/shm segment per local rank
+    (~67 MB) and never unlinks it: every job leaves them behind until /dev/shm is full. Each rank maps
+    its peers' segments inside init_distributed, so after a barrier every rank removes its own name;
+    the memory stays mapped until the process exits, and nothing is left even after a SIGKILL."""
+    dist.barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def init_distributed(timeout_s: float = 300.0) -> LaunchInfo:
     """Initialise the default process group (through DeepSpeed, so its engines share it)."""
     launcher = detect_launcher()
@@ -97,6 +109,7 @@ def init_distributed(timeout_s: float = 300.0) -> LaunchInfo:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    _unlink_deepspeed_shm()
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
     if not local_size:  # the deepspeed launcher does not export it: count ranks on this host
         hosts: list[str] = [""] * dist.get_world_size()
