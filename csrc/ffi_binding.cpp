@@ -5,6 +5,9 @@
 //   xmc::ffi_forward(x [N,H], values [C,K], indices [C,K] int32, bias [C]?) -> y [N,C]
 //   xmc::ffi_backward_input(grad_y [N,C], values [C,K], indices [C,K], in_features H) -> grad_x [N,H]
 //   xmc::ffi_backward_weight(grad_y [N,C], x [N,H], indices [C,K]) -> grad_values [C,K]
+//   xmc::ffi_backward(grad_y [N,C], x [N,H], values [C,K], indices [C,K], need_input, need_weight)
+//       -> (grad_x [N,H], grad_values [C,K]); a gradient not asked for is an undefined tensor (None in
+//       Python). CUDA with both: one fused pass over dy and the connections; CPU: the two kernels.
 //
 // Outputs have the dtype of x / grad_y; values and bias must share it. CPU: float32, bfloat16, float64
 // (index range checked on every call, it costs one pass over the indices). CUDA: float32, bfloat16
@@ -14,6 +17,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 #include "ffi_cpu.h"
 
@@ -117,6 +121,12 @@ void check_backward_weight_args(const Tensor& grad_y, const Tensor& x, const Ten
               indices.size(0), " outputs");
 }
 
+// ffi_backward: the arguments of both gradients (checked whatever the flags ask for).
+void check_backward_args(const Tensor& grad_y, const Tensor& x, const Tensor& values, const Tensor& indices) {
+  check_backward_weight_args(grad_y, x, indices);
+  check_backward_input_args(grad_y, values, indices, x.size(1));
+}
+
 void check_fan_in(int64_t K, int64_t H) {
   TORCH_CHECK(K <= H, "fan_in ", K, " exceeds in_features ", H, ": the K inputs of an output must be distinct");
 }
@@ -167,6 +177,30 @@ Tensor backward_weight_cpu(const Tensor& grad_y_, const Tensor& x_, const Tensor
   xmc::ffi_backward_weight_cpu(dtype, grad_y.data_ptr(), x.data_ptr(), indices.data_ptr<int32_t>(),
                                grad_values.data_ptr(), N, H, C, K, at::get_num_threads());
   return grad_values;
+}
+
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_y_, const Tensor& x_, const Tensor& values_,
+                                        const Tensor& indices_, bool need_input, bool need_weight) {
+  check_backward_args(grad_y_, x_, values_, indices_);
+  check_cpu(grad_y_, "grad_y");
+  const auto dtype = cpu_dtype(grad_y_, "grad_y");
+  const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), values = values_.contiguous(),
+               indices = indices_.contiguous();
+  const int64_t N = grad_y.size(0), H = x.size(1), C = values.size(0), K = values.size(1);
+  check_fan_in(K, H);
+  check_index_range_cpu(indices, H);
+  Tensor grad_x, grad_values;
+  if (need_input) {
+    grad_x = at::empty({N, H}, grad_y.options());
+    xmc::ffi_backward_input_cpu(dtype, grad_y.data_ptr(), values.data_ptr(), indices.data_ptr<int32_t>(),
+                                grad_x.data_ptr(), N, H, C, K, at::get_num_threads());
+  }
+  if (need_weight) {
+    grad_values = at::empty({C, K}, grad_y.options());
+    xmc::ffi_backward_weight_cpu(dtype, grad_y.data_ptr(), x.data_ptr(), indices.data_ptr<int32_t>(),
+                                 grad_values.data_ptr(), N, H, C, K, at::get_num_threads());
+  }
+  return {grad_x, grad_values};
 }
 
 // ---- CUDA ----
@@ -243,6 +277,38 @@ Tensor backward_weight_cuda(const Tensor& grad_y_, const Tensor& x_, const Tenso
                                 grad_values.data_ptr(), N, H, C, K, c10::cuda::getCurrentCUDAStream());
   return grad_values;
 }
+
+std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_y_, const Tensor& x_, const Tensor& values_,
+                                         const Tensor& indices_, bool need_input, bool need_weight) {
+  check_backward_args(grad_y_, x_, values_, indices_);
+  check_cuda(grad_y_, "grad_y");
+  const auto dtype = cuda_dtype(grad_y_, "grad_y");
+  const c10::cuda::CUDAGuard guard(grad_y_.device());
+  const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), values = values_.contiguous(),
+               indices = indices_.contiguous();
+  const int64_t N = grad_y.size(0), H = x.size(1), C = values.size(0), K = values.size(1);
+  check_fan_in(K, H);
+  Tensor grad_x = need_input ? at::empty({N, H}, grad_y.options()) : Tensor();
+  Tensor grad_values = need_weight ? at::empty({C, K}, grad_y.options()) : Tensor();
+  // Degenerate shapes as the separate ops treat them; the launcher then sees N, H, C, K > 0.
+  bool run_input = need_input && grad_x.numel() > 0, run_weight = need_weight && grad_values.numel() > 0;
+  if (run_input && (C == 0 || K == 0)) {
+    grad_x.zero_();
+    run_input = false;
+  }
+  if (run_weight && N == 0) {
+    grad_values.zero_();
+    run_weight = false;
+  }
+  if (!run_input && !run_weight) return {grad_x, grad_values};
+  const size_t ws_bytes = xmc::ffi_backward_cuda_workspace_bytes(dtype, N, H, C, K, run_input, run_weight);
+  Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, grad_y.options().dtype(at::kByte));
+  xmc::ffi_backward_cuda(dtype, grad_y.data_ptr(), x.data_ptr(), values.data_ptr(), indices.data_ptr<int32_t>(),
+                         run_input ? grad_x.data_ptr() : nullptr, run_weight ? grad_values.data_ptr() : nullptr,
+                         ws_bytes ? workspace.data_ptr() : nullptr, ws_bytes, N, H, C, K,
+                         c10::cuda::getCurrentCUDAStream());
+  return {grad_x, grad_values};
+}
 #endif  // XMC_WITH_CUDA
 
 }  // namespace
@@ -251,12 +317,16 @@ TORCH_LIBRARY(xmc, m) {
   m.def("ffi_forward(Tensor x, Tensor values, Tensor indices, Tensor? bias) -> Tensor");
   m.def("ffi_backward_input(Tensor grad_y, Tensor values, Tensor indices, int in_features) -> Tensor");
   m.def("ffi_backward_weight(Tensor grad_y, Tensor x, Tensor indices) -> Tensor");
+  m.def(
+      "ffi_backward(Tensor grad_y, Tensor x, Tensor values, Tensor indices, bool need_input, bool need_weight) "
+      "-> (Tensor grad_x, Tensor grad_values)");
 }
 
 TORCH_LIBRARY_IMPL(xmc, CPU, m) {
   m.impl("ffi_forward", &forward_cpu);
   m.impl("ffi_backward_input", &backward_input_cpu);
   m.impl("ffi_backward_weight", &backward_weight_cpu);
+  m.impl("ffi_backward", &backward_cpu);
 }
 
 #ifdef XMC_WITH_CUDA
@@ -264,5 +334,6 @@ TORCH_LIBRARY_IMPL(xmc, CUDA, m) {
   m.impl("ffi_forward", &forward_cuda);
   m.impl("ffi_backward_input", &backward_input_cuda);
   m.impl("ffi_backward_weight", &backward_weight_cuda);
+  m.impl("ffi_backward", &backward_cuda);
 }
 #endif

@@ -15,6 +15,9 @@
 //   the workspace (L2-resident per tile), then a transposing convert to dx. XMC_FFI_DX=csc: counting
 //   sort of the connections by input (CSC index, built each call in the workspace), then the forward
 //   gather kernel run on the transposed graph over a batch-tiled dy^T slab: no atomics on the data.
+// * dx and dW together (ffi_backward_cuda, atomic mode): one kernel does both per connection, so dy
+//   and I are read and the connections walked once instead of twice; its transposed x and dx
+//   accumulator come from the caller's workspace, and a tile's two slabs share the L2 budget.
 // Forward and dW need the transposed x but the contract gives them no workspace: they take it from a
 // private stream-ordered memory pool (cudaMallocFromPoolAsync), which torch's allocator does not see.
 #include "ffi_cuda.h"
@@ -432,6 +435,107 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------- backward, both gradients fused
+
+// p[0 .. V) += w * d[0 .. V) as float4 reductions (V = 4 or 8; p 16-byte aligned).
+template <int V>
+__device__ __forceinline__ void atomic_add_scaled(float* p, float w, const float (&d)[V]) {
+#pragma unroll
+  for (int q = 0; q < V; q += 4) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float4*>(p + q), make_float4(w * d[q], w * d[q + 1], w * d[q + 2], w * d[q + 3]));
+#else
+#pragma unroll
+    for (int v = 0; v < 4; ++v) atomicAdd(p + q + v, w * d[q + v]);
+#endif
+  }
+}
+
+// dw_kernel and dx_atomic_kernel in one pass for batch tile blockIdx.y: the dy tile is staged once,
+// each connection's (index, weight) is loaded once, and per connection (c,k) a lane gathers its V
+// batch rows of xt[tile][I[c,k]] (dot with dy -> dW[c,k], reduced across the group) and adds
+// W[c,k] * dy into dx_acc[tile][I[c,k]] (V/4 float4 reductions). Both slabs are [tile][H][NT] with
+// the same NT = G * V (bf16: 8 rows per lane, two float4 reductions). dW: stored once per (c,k) with
+// one tile; with several, each tile adds into the float32 dw_acc (zeroed by the launcher).
+template <typename T, int G>
+__global__ void __launch_bounds__(kThreads)
+    fused_backward_kernel(const T* __restrict__ dy, const T* __restrict__ xt, const T* __restrict__ W,
+                          const int32_t* __restrict__ I, float* __restrict__ dx_acc, float* __restrict__ dw_acc,
+                          T* __restrict__ dW, int64_t N, int64_t H, int64_t C, int64_t K) {
+  using E = Elem<T>;
+  using Gm = Geom<G>;
+  constexpr int V = E::kVec, NT = G * V, CB = Gm::kRows, B = kBatch<G, V>;
+  static_assert(V % 4 == 0, "dx reductions are float4");
+  __shared__ float ds[CB][NT + 1];
+
+  const int lane_g = threadIdx.x % G, grp = threadIdx.x / G;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * CB;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * NT;
+  const int64_t tile_off = static_cast<int64_t>(blockIdx.y) * H * NT + lane_g * V;
+  const T* slab = xt + tile_off;
+  float* acc = dx_acc + tile_off;
+  stage_dy<T, CB, NT>(dy, ds, c0, n0, N, C);
+
+#pragma unroll 1
+  for (int ci = 0; ci < Gm::kRowsPerGroup; ++ci) {
+    const int rl = grp + ci * Gm::kGroups;
+    const bool valid = c0 + rl < C;
+    const int64_t c = min(c0 + rl, C - 1);  // tail groups keep the warp's shuffles, store nothing
+    float d[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) d[v] = ds[rl][lane_g * V + v];
+
+#pragma unroll 1
+    for (int64_t k0 = 0; k0 < K; k0 += G) {
+      const int kn = static_cast<int>(K - k0 < G ? K - k0 : G);  // same for the whole warp
+      int my_j = 0;
+      float my_w = 0.f;
+      if (lane_g < kn) {
+        my_j = load_index(I + c * K + k0 + lane_g);
+        my_w = load_value(W + c * K + k0 + lane_g);
+      }
+      float p[G];
+#pragma unroll
+      for (int b = 0; b < G; b += B) {
+        float xv[B][V];
+#pragma unroll
+        for (int u = 0; u < B; ++u) {
+          const int j = __shfl_sync(kFull, my_j, b + u, G);
+          if (b + u < kn) {
+            E::load_vec(slab + static_cast<int64_t>(j) * NT, xv[u]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < V; ++v) xv[u][v] = 0.f;
+          }
+        }
+        // The reductions need only (j, w, dy): they go out while the gathers above are in flight.
+#pragma unroll
+        for (int u = 0; u < B; ++u) {
+          const int j = __shfl_sync(kFull, my_j, b + u, G);
+          const float w = __shfl_sync(kFull, my_w, b + u, G);
+          if (valid && b + u < kn) atomic_add_scaled<V>(acc + static_cast<int64_t>(j) * NT, w, d);
+        }
+#pragma unroll
+        for (int u = 0; u < B; ++u) {
+          float s = 0.f;
+#pragma unroll
+          for (int v = 0; v < V; ++v) s = fmaf(d[v], xv[u][v], s);
+          p[b + u] = s;
+        }
+      }
+      const float s = transpose_reduce<G>(p, lane_g);
+      if (valid && lane_g < kn) {
+        const int64_t e = c * K + k0 + lane_g;
+        if (dw_acc) {
+          atomicAdd(dw_acc + e, s);
+        } else {
+          E::store_stream(dW + e, s);
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- CSC index build
 
 __global__ void csc_count_kernel(const int32_t* __restrict__ I, int64_t E, int64_t H, int32_t* __restrict__ cnt) {
@@ -563,6 +667,46 @@ CscLayout csc_layout(int64_t N, int64_t H, int64_t C, int64_t K) {
   l.slab = l.ent_v + align_up(E * 4);
   l.total = l.slab + align_up(static_cast<size_t>(C) * 16 * csc_group(N, C));
   return l;
+}
+
+// Fused backward: every block of a tile gathers from its transposed-x slab and reduces into its dx
+// accumulator slab, so the L2 budget covers both (sizeof(T) + 4 bytes per input and batch row): tiles
+// up to half as wide as the separate kernels'. Each extra tile costs one more pass over W and I
+// (C*K*(e+4) bytes); a slab pair that spills from L2 would send the gathers and reductions to HBM.
+struct FusedLayout {
+  int G, NT;
+  int64_t tiles;
+  bool dw_acc;                   // bf16 with several tiles: dW is summed in float32 first
+  size_t dx_acc, xt, dw, total;  // byte offsets into the workspace, 256-aligned
+};
+
+template <typename T>
+FusedLayout fused_layout(int64_t N, int64_t H, int64_t C, int64_t K) {
+  constexpr int V = Elem<T>::kVec;
+  FusedLayout l{};
+  l.G = plan_group(N, H, V, sizeof(T) + sizeof(float), kGMinDense);
+  l.NT = l.G * V;
+  l.tiles = ceil_div(N, l.NT);
+  l.dw_acc = l.tiles > 1 && !std::is_same<T, float>::value;
+  const size_t slab = static_cast<size_t>(l.tiles) * l.NT * static_cast<size_t>(H);
+  l.dx_acc = 0;
+  l.xt = align_up(slab * sizeof(float));
+  l.dw = l.xt + align_up(slab * sizeof(T));
+  l.total = l.dw + (l.dw_acc ? align_up(static_cast<size_t>(C) * static_cast<size_t>(K) * sizeof(float)) : 0);
+  return l;
+}
+
+// XMC_FFI_FUSED=0: ffi_backward runs the separate dx and dW launchers (A/B timing, fallback).
+bool fused_enabled() {
+  const char* s = std::getenv("XMC_FFI_FUSED");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "1") == 0) return true;
+  if (std::strcmp(s, "0") == 0) return false;
+  throw std::runtime_error(std::string("xmc FFI CUDA: XMC_FFI_FUSED must be '0' or '1', got '") + s + "'");
+}
+
+// The fused kernel is the atomic dx path plus dW; the CSC dx has no fused form.
+bool use_fused(bool need_input, bool need_weight) {
+  return need_input && need_weight && dx_mode() == DxMode::kAtomic && fused_enabled();
 }
 
 // ---------------------------------------------------------------- private stream-ordered pool
@@ -790,6 +934,59 @@ void backward_input_csc(const T* dy, const T* W, const int32_t* I, T* dx, char* 
   }
 }
 
+template <typename T, int G>
+void launch_fused(const T* dy, const T* xt, const T* W, const int32_t* I, float* dx_acc, float* dw_acc, T* dW,
+                  int64_t N, int64_t H, int64_t C, int64_t K, int64_t tiles, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, Geom<G>::kRows)), static_cast<unsigned>(tiles));
+  const auto kernel = fused_backward_kernel<T, G>;
+  XMC_LAUNCH(kernel, grid, kThreads, stream, dy, xt, W, I, dx_acc, dw_acc, dW, N, H, C, K);
+  check_launch("fused_backward_kernel");
+}
+
+template <typename T>
+void backward_fused(const T* dy, const T* x, const T* W, const int32_t* I, T* dx, T* dW, char* ws, size_t ws_bytes,
+                    int64_t N, int64_t H, int64_t C, int64_t K, cudaStream_t stream) {
+  const FusedLayout l = fused_layout<T>(N, H, C, K);
+  // Sized by the same planning; a smaller one means the L2 budget or the mode changed in between.
+  if (ws == nullptr || ws_bytes < l.total)
+    throw std::runtime_error("xmc FFI CUDA: fused backward needs " + std::to_string(l.total) +
+                             " bytes of workspace, got " + std::to_string(ws_bytes));
+  auto* dx_acc = reinterpret_cast<float*>(ws + l.dx_acc);
+  T* xt = reinterpret_cast<T*>(ws + l.xt);
+  // One tile stores dW directly; several add into float32: in place for float32 dW, else a buffer.
+  float* dw_acc = nullptr;
+  if (l.tiles > 1) {
+    dw_acc = l.dw_acc ? reinterpret_cast<float*>(ws + l.dw) : reinterpret_cast<float*>(dW);
+    check_cuda(cudaMemsetAsync(dw_acc, 0, static_cast<size_t>(C) * K * sizeof(float), stream), "cudaMemsetAsync");
+  }
+  check_cuda(cudaMemsetAsync(dx_acc, 0, static_cast<size_t>(l.tiles) * l.NT * H * sizeof(float), stream),
+             "cudaMemsetAsync");
+  launch_to_tiles<T>(x, xt, N, H, 0, l.tiles * l.NT, l.NT, stream);
+  switch (l.G) {
+    case 8:
+      launch_fused<T, 8>(dy, xt, W, I, dx_acc, dw_acc, dW, N, H, C, K, l.tiles, stream);
+      break;
+    case 16:
+      launch_fused<T, 16>(dy, xt, W, I, dx_acc, dw_acc, dW, N, H, C, K, l.tiles, stream);
+      break;
+    case 32:
+      launch_fused<T, 32>(dy, xt, W, I, dx_acc, dw_acc, dW, N, H, C, K, l.tiles, stream);
+      break;
+    default:
+      throw std::runtime_error("xmc FFI CUDA: bad group width for the fused backward");
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(H, 32)), static_cast<unsigned>(ceil_div(N, 32)));
+  const auto from_tiles = from_tiles_kernel<T>;
+  XMC_LAUNCH(from_tiles, grid, kThreads, stream, dx_acc, dx, N, H, l.NT);
+  check_launch("from_tiles_kernel");
+  if (l.dw_acc) {
+    const int64_t n = C * K;
+    const auto to_t = float_to_kernel<T>;
+    XMC_LAUNCH(to_t, grid_stride_blocks(n), kThreads, stream, dw_acc, dW, n);
+    check_launch("float_to_kernel");
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- contract
@@ -866,6 +1063,49 @@ void ffi_backward_weight_cuda(FfiDtype dtype, const void* grad_y, const void* x,
       return backward_weight_impl<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(grad_y),
                                                  static_cast<const __nv_bfloat16*>(x), indices,
                                                  static_cast<__nv_bfloat16*>(grad_values), N, H, C, K, stream);
+  }
+  throw std::runtime_error("xmc FFI CUDA: unknown dtype");
+}
+
+size_t ffi_backward_cuda_workspace_bytes(FfiDtype dtype, int64_t N, int64_t H, int64_t C, int64_t K,
+                                         bool need_input, bool need_weight) {
+  if (N <= 0 || H <= 0 || C <= 0 || K <= 0) return 0;
+  if (use_fused(need_input, need_weight)) {
+    switch (dtype) {
+      case FfiDtype::kFloat32:
+        return fused_layout<float>(N, H, C, K).total;
+      case FfiDtype::kBFloat16:
+        return fused_layout<__nv_bfloat16>(N, H, C, K).total;
+    }
+    throw std::runtime_error("xmc FFI CUDA: unknown dtype");
+  }
+  return need_input ? ffi_backward_input_cuda_workspace_bytes(N, H, C, K) : 0;  // dW: private pool
+}
+
+void ffi_backward_cuda(FfiDtype dtype, const void* grad_y, const void* x, const void* values, const int32_t* indices,
+                       void* grad_x, void* grad_values, void* workspace, size_t workspace_bytes, int64_t N, int64_t H,
+                       int64_t C, int64_t K, cudaStream_t stream) {
+  const bool need_input = grad_x != nullptr, need_weight = grad_values != nullptr;
+  if (N <= 0 || H <= 0 || C <= 0 || K <= 0 || !use_fused(need_input, need_weight)) {
+    if (need_input) {
+      if (workspace_bytes < ffi_backward_input_cuda_workspace_bytes(N, H, C, K))
+        throw std::runtime_error("xmc FFI CUDA: backward input workspace too small");
+      ffi_backward_input_cuda(dtype, grad_y, values, indices, grad_x, workspace, N, H, C, K, stream);
+    }
+    if (need_weight) ffi_backward_weight_cuda(dtype, grad_y, x, indices, grad_values, N, H, C, K, stream);
+    return;
+  }
+  char* ws = static_cast<char*>(workspace);
+  switch (dtype) {
+    case FfiDtype::kFloat32:
+      return backward_fused<float>(static_cast<const float*>(grad_y), static_cast<const float*>(x),
+                                   static_cast<const float*>(values), indices, static_cast<float*>(grad_x),
+                                   static_cast<float*>(grad_values), ws, workspace_bytes, N, H, C, K, stream);
+    case FfiDtype::kBFloat16:
+      return backward_fused<__nv_bfloat16>(
+          static_cast<const __nv_bfloat16*>(grad_y), static_cast<const __nv_bfloat16*>(x),
+          static_cast<const __nv_bfloat16*>(values), indices, static_cast<__nv_bfloat16*>(grad_x),
+          static_cast<__nv_bfloat16*>(grad_values), ws, workspace_bytes, N, H, C, K, stream);
   }
   throw std::runtime_error("xmc FFI CUDA: unknown dtype");
 }

@@ -2,7 +2,8 @@
 
 Figures (medians over --repeats after one warm-up; every method runs forward and backward with
 gradients for the inputs, the weights and the bias, as in training):
-- comparison at each (batch, hidden, labels, fan-in): the FFI layer (torch.ops.xmc kernels), the same
+- comparison at each (batch, hidden, labels, fan-in): the FFI layer (torch.ops.xmc kernels; its
+  autograd backward is one ffi_backward call, on CUDA one fused pass for dx and dW), the same
   weights as a dense nn.Linear (checked equal to the FFI outputs), and as a torch.sparse CSR matrix
   with autograd over its values (`torch.sparse.mm(W_csr, x^T)^T`); ratios against the FFI layer;
   bytes of weights + grads + Adam moments for each (index arrays counted with the weights).
@@ -10,8 +11,9 @@ gradients for the inputs, the weights and the bias, as in training):
 - CPU: thread scaling of the FFI kernels (torch.set_num_threads also sets the kernels' threads).
 - CUDA: per-kernel bandwidth from the minimal traffic, with e the element size in bytes:
   forward x + W + I + b + y = e*N*H + (e+4)*C*K + e*C + e*N*C; dx: dy + W + I + dx =
-  e*N*C + (e+4)*C*K + e*N*H; dW: dy + x + I + dW = e*N*C + e*N*H + (e+4)*C*K (each read or written
-  once); peak memory of each method; the paper's dense baseline nn.Linear(768, 670091).
+  e*N*C + (e+4)*C*K + e*N*H; dW: dy + x + I + dW = e*N*C + e*N*H + (e+4)*C*K; both (the fused
+  backward): dy + x + W + I + dx + dW = e*N*C + 2*e*N*H + (2*e+4)*C*K (each read or written once);
+  peak memory of each method; the paper's dense baseline nn.Linear(768, 670091).
 The plain-PyTorch references are here (dense, CSR): the check that the kernels compute the same.
 """
 
@@ -147,7 +149,8 @@ def ffi_memory(layer: FixedFanInSparse) -> dict:
 
 
 def kernel_times(layer: FixedFanInSparse, x: torch.Tensor, dy: torch.Tensor, repeats: int) -> dict:
-    """Seconds of each kernel called directly, and (CUDA) GB/s against its minimal traffic."""
+    """Seconds of each op called directly (backward: dx and dW in one ffi_backward call), and (CUDA) GB/s
+    against its minimal traffic."""
     v, i, b, dev = layer.values.detach(), layer.indices, layer.bias.detach(), x.device
     n, h = x.shape
     c, k = v.shape
@@ -156,11 +159,14 @@ def kernel_times(layer: FixedFanInSparse, x: torch.Tensor, dy: torch.Tensor, rep
         "forward": e * n * h + (e + 4) * c * k + e * c + e * n * c,
         "backward_input": e * n * c + (e + 4) * c * k + e * n * h,
         "backward_weight": e * n * c + e * n * h + (e + 4) * c * k,
+        "backward": e * n * c + 2 * e * n * h + (2 * e + 4) * c * k,
     }
     calls = {
         "forward": lambda: torch.ops.xmc.ffi_forward(x, v, i, b),
         "backward_input": lambda: torch.ops.xmc.ffi_backward_input(dy, v, i, h),
         "backward_weight": lambda: torch.ops.xmc.ffi_backward_weight(dy, x, i),
+        # What autograd calls: both gradients at once (CUDA: the fused kernel).
+        "backward": lambda: torch.ops.xmc.ffi_backward(dy, x, v, i, True, True),
     }
     out = {}
     for name, call in calls.items():
@@ -358,7 +364,8 @@ def thread_scaling(
             k = o["kernels"]
             print(
                 f"threads {t}: ffi fwd+bwd {o['fwd_bwd_s']:.4f} s (fwd {k['forward']['s']:.4f}, "
-                f"dx {k['backward_input']['s']:.4f}, dW {k['backward_weight']['s']:.4f}); dense "
+                f"dx {k['backward_input']['s']:.4f}, dW {k['backward_weight']['s']:.4f}, "
+                f"dx+dW in one call {k['backward']['s']:.4f}); dense "
                 f"{o['dense_fwd_bwd_s']:.4f} s, {o['dense_over_ffi']:.1f}x the FFI time",
                 flush=True,
             )

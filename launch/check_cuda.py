@@ -3,14 +3,18 @@
 
 1. correctness: torch.ops.xmc on CUDA against a float64 gather/scatter reference and against the CPU
    ops, values and both gradients, float32 (1e-5 of the largest magnitude) and bfloat16 (1e-2),
-   each dx mode (XMC_FFI_DX=atomic|csc, read by the launcher at every call), odd shapes (N = 1, K = 1,
-   K = H, odd C and H, several batch tiles, a tiny L2 budget that forces many tiles); the autograd
-   module end to end; rewiring on GPU tensors.
+   each dx mode (XMC_FFI_DX=atomic|csc, read by the launcher at every call), the combined
+   ffi_backward (both gradients: the fused kernel in atomic mode; one gradient: the separate kernels),
+   odd shapes (N = 1, K = 1, K = H, odd C and H, several batch tiles, a tiny L2 budget that forces
+   many tiles); the autograd module end to end; rewiring on GPU tensors.
 2. a 670K-label training step: embedding 768 -> dropout -> Linear(768, 65536) + ReLU ->
    FixedFanInSparse(65536, 670091, 32) -> squared hinge, Adam, batch 128: loss finite and falling
    over 20 steps on one batch, peak memory (target <= 2 GB; paper 1.74 GB), step time.
 3. kernel timings at 670K labels, H 65,536, K 32/64, batch 128/512, both dx modes: seconds, GB/s of
-   the minimal traffic against the card's peak, and fwd+bwd against dense nn.Linear(768, 670091).
+   the minimal traffic against the card's peak; the fused backward (dx + dW in one pass) next to the
+   separate dx (atomic) + dW calls, also with tiles as wide as the separate kernels' (L2 budget
+   doubled); fwd+bwd (forward + fused backward + bias sum, the autograd path) against dense
+   nn.Linear(768, 670091).
 
 One line per case; the last line is one JSON object; exit status 1 on any failure. Imports only
 torch and pipeline.ops / pipeline.models.heads.ffi (the GPU machines lack the training stack).
@@ -127,6 +131,7 @@ def check_case(n: int, h: int, c: int, k: int, bias: bool, dtype: torch.dtype, b
             "dW": torch.ops.xmc.ffi_backward_weight(dy, x, idx),
             "dx": torch.ops.xmc.ffi_backward_input(dy, w, idx, h),
         }
+        cpu_dx, cpu_dw = torch.ops.xmc.ffi_backward(dy, x, w, idx, True, True)
         outs = {
             "y": torch.ops.xmc.ffi_forward(xg, wg, ig, bg),
             "dW": torch.ops.xmc.ffi_backward_weight(dyg, xg, ig),
@@ -135,13 +140,26 @@ def check_case(n: int, h: int, c: int, k: int, bias: bool, dtype: torch.dtype, b
         for mode in MODES:
             set_mode(mode)
             outs[f"dx[{mode}]"] = torch.ops.xmc.ffi_backward_input(dyg, wg, ig, h)
+            # Both gradients in one call: the fused kernel in atomic mode, csc dx + dW in csc mode.
+            outs[f"dx[bwd {mode}]"], outs[f"dW[bwd {mode}]"] = torch.ops.xmc.ffi_backward(
+                dyg, xg, wg, ig, True, True
+            )
+        set_mode("atomic")
+        only_dx, none_w = torch.ops.xmc.ffi_backward(dyg, xg, wg, ig, True, False)
+        none_x, only_dw = torch.ops.xmc.ffi_backward(dyg, xg, wg, ig, False, True)
+        outs["dx[bwd x only]"], outs["dW[bwd W only]"] = only_dx, only_dw
         torch.cuda.synchronize()
         for key, got in outs.items():
             base = key.split("[")[0]
             e_ref = rel_err(got, refs[base])
             e_cpu = rel_err(got.cpu(), cpu[base])
             ok = got.dtype == dtype and e_ref <= tol and e_cpu <= 2 * tol
-            report(ok, f"{name} {key:<10} vs float64 {e_ref:.2e}  vs CPU op {e_cpu:.2e}")
+            report(ok, f"{name} {key:<15} vs float64 {e_ref:.2e}  vs CPU op {e_cpu:.2e}")
+        e_cpu_bwd = max(rel_err(cpu_dx, ref_dx.cpu()), rel_err(cpu_dw, ref_dw.cpu()))
+        report(
+            none_w is None and none_x is None and e_cpu_bwd <= tol,
+            f"{name} ffi_backward: gradients not asked for are None; CPU op vs float64 {e_cpu_bwd:.2e}",
+        )
     except Exception as exc:  # a kernel error must fail the case, not end the run
         report(False, f"{name}: {type(exc).__name__}: {exc}")
     finally:
@@ -335,6 +353,11 @@ def peak_bandwidth() -> tuple[float, str]:
     return math.nan, "unknown card"
 
 
+def l2_budget_mb() -> float:
+    """The launcher's default L2 budget for one tile's slabs (45% of the card's L2), in MiB; 0 if unknown."""
+    return 0.45 * getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) / 2**20
+
+
 def cuda_time(fn: Callable[[], object], repeats: int = 5) -> float:
     """Median seconds over repeats after one warm-up, CUDA events on the current stream."""
     fn()
@@ -370,6 +393,8 @@ def perf_check(peak_bw: float) -> list[dict]:
                     "forward": e * n * hidden + (e + 4) * labels * k + e * labels + e * n * labels,
                     "dx": e * n * labels + (e + 4) * labels * k + e * n * hidden,
                     "dW": e * n * labels + e * n * hidden + (e + 4) * labels * k,
+                    # dy + x + W + I read once, dx + dW written once
+                    "bwd_fused": e * n * labels + 2 * e * n * hidden + (2 * e + 4) * labels * k,
                 }
                 row = {"N": n, "H": hidden, "C": labels, "K": k, "dtype": str(dtype)[6:]}
                 row["forward_s"] = cuda_time(
@@ -384,9 +409,37 @@ def perf_check(peak_bw: float) -> list[dict]:
                 set_mode("atomic")
                 row["dx_best"] = min(MODES, key=lambda m: row[f"dx_{m}_s"])
                 row["bias_grad_s"] = cuda_time(lambda dy=dy: dy.sum(0))
+                row["bwd_separate_s"] = cuda_time(
+                    lambda x=x, dy=dy, w=w, i=idx: (
+                        torch.ops.xmc.ffi_backward_input(dy, w, i, hidden),
+                        torch.ops.xmc.ffi_backward_weight(dy, x, i),
+                    )
+                )
+
+                def fused(x=x, dy=dy, w=w, i=idx):
+                    return torch.ops.xmc.ffi_backward(dy, x, w, i, True, True)
+
+                row["bwd_fused_s"] = cuda_time(fused)
+                # L2 budget doubled: float32 tiles as wide as the separate kernels' (both slabs together
+                # may then spill from L2); tells whether the narrower default tiles pay.
+                row["bwd_fused_wide_s"] = math.nan
+                if l2_budget_mb() > 0:
+                    os.environ["XMC_FFI_L2_BUDGET_MB"] = f"{2 * l2_budget_mb():.3f}"
+                    try:
+                        row["bwd_fused_wide_s"] = cuda_time(fused)
+                    finally:
+                        os.environ.pop("XMC_FFI_L2_BUDGET_MB", None)
+                row["fused_over_separate"] = row["bwd_fused_s"] / row["bwd_separate_s"]
                 dx_s = row[f"dx_{row['dx_best']}_s"]
-                row["fwd_bwd_s"] = row["forward_s"] + row["dW_s"] + dx_s + row["bias_grad_s"]
-                for name, key in (("forward", "forward_s"), ("dW", "dW_s"), ("dx", f"dx_{row['dx_best']}_s")):
+                row["fwd_bwd_separate_s"] = row["forward_s"] + row["dW_s"] + dx_s + row["bias_grad_s"]
+                # The autograd path: forward, one fused backward call, the bias column sum.
+                row["fwd_bwd_s"] = row["forward_s"] + row["bwd_fused_s"] + row["bias_grad_s"]
+                for name, key in (
+                    ("forward", "forward_s"),
+                    ("dW", "dW_s"),
+                    ("dx", f"dx_{row['dx_best']}_s"),
+                    ("bwd_fused", "bwd_fused_s"),
+                ):
                     row[f"{name}_GB_per_s"] = traffic[name] / row[key] / 1e9
                     row[f"{name}_frac_peak"] = traffic[name] / row[key] / peak_bw
                 # The paper's dense baseline at the same batch and dtype: nn.Linear(768, C) fwd+bwd.
@@ -406,6 +459,14 @@ def perf_check(peak_bw: float) -> list[dict]:
                     f"dx csc {row['dx_csc_s'] * 1e3:.3f} ms, dW {row['dW_s'] * 1e3:.3f} ms "
                     f"({row['dW_frac_peak']:.0%}); fwd+bwd {row['fwd_bwd_s'] * 1e3:.3f} ms vs dense(768) "
                     f"{row['dense768_fwd_bwd_s'] * 1e3:.3f} ms = {row['dense_over_ffi']:.2f}x",
+                    flush=True,
+                )
+                print(
+                    f"perf N={n} K={k} {row['dtype']}: backward fused {row['bwd_fused_s'] * 1e3:.3f} ms "
+                    f"({row['bwd_fused_frac_peak']:.0%} peak), separate dx+dW "
+                    f"{row['bwd_separate_s'] * 1e3:.3f} ms, fused/separate {row['fused_over_separate']:.3f}; "
+                    f"fused with the L2 budget doubled "
+                    f"{row['bwd_fused_wide_s'] * 1e3:.3f} ms",
                     flush=True,
                 )
                 results.append(row)

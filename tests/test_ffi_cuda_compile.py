@@ -58,6 +58,15 @@ def test_ffi_cuda_compiles_for_sm90(tmp_path: Path, extra: list[str]) -> None:
     assert obj.stat().st_size > 0
     report = proc.stderr + proc.stdout
     assert "for 'sm_90'" in report, report
+    # Every kernel family is instantiated (a launcher that nothing calls would compile to nothing).
+    for kernel in (
+        "gather_kernel",
+        "dw_kernel",
+        "dx_atomic_kernel",
+        "fused_backward_kernel",
+        "from_tiles_kernel",
+    ):
+        assert kernel in report, f"{kernel} was not compiled:\n{report}"
     # Register spills to local memory would slow the gathers badly: none allowed.
     spills = [line for line in report.splitlines() if "spill" in line and " 0 bytes spill stores" not in line]
     assert not spills, "\n".join(spills)

@@ -79,6 +79,80 @@ def test_ops_match_dense_float32(shape, threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize(
+    "need_input,need_weight", [(True, True), (True, False), (False, True), (False, False)]
+)
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=str)
+def test_combined_backward_matches_separate_ops_and_dense(shape, need_input, need_weight):
+    x, values, indices, bias, dy = _problem(*shape)
+    _, dx_ref, dw_ref, _ = _dense_reference(x, values, indices, bias, dy)
+    dx, dw = torch.ops.xmc.ffi_backward(dy, x, values, indices, need_input, need_weight)
+    assert (dx is None) != need_input and (dw is None) != need_weight, "a gradient not asked for is None"
+    if need_input:
+        assert dx.shape == (shape[0], shape[1]) and dx.dtype == torch.float32
+        _close(dx, dx_ref, 1e-5)
+        assert torch.equal(dx, torch.ops.xmc.ffi_backward_input(dy, values, indices, shape[1]))
+    if need_weight:
+        assert dw.shape == (shape[2], shape[3]) and dw.dtype == torch.float32
+        _close(dw, dw_ref, 1e-5)
+        assert torch.equal(dw, torch.ops.xmc.ffi_backward_weight(dy, x, indices))
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3, 1), (20, 64, 101, 8), (600, 24, 37, 5)], ids=str)
+def test_combined_backward_bfloat16_and_float64(shape):
+    for dtype, rel in ((torch.bfloat16, 1e-2), (torch.float64, 1e-12)):
+        x, values, indices, bias, dy = _problem(*shape, dtype=dtype)
+        _, dx_ref, dw_ref, _ = _dense_reference(x, values, indices, bias, dy)
+        dx, dw = torch.ops.xmc.ffi_backward(dy, x, values, indices, True, True)
+        assert dx.dtype == dw.dtype == dtype
+        _close(dx, dx_ref, rel)
+        _close(dw, dw_ref, rel)
+
+
+def test_combined_backward_degenerate_shapes_and_errors():
+    x, values, indices, _, _ = _problem(0, 8, 5, 2)
+    dx, dw = torch.ops.xmc.ffi_backward(torch.zeros(0, 5), x, values, indices, True, True)
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(5, 2))
+    x = torch.randn(3, 8)
+    no_outputs = torch.zeros(0, 2, dtype=torch.int32)
+    dx, dw = torch.ops.xmc.ffi_backward(torch.zeros(3, 0), x, torch.zeros(0, 2), no_outputs, True, True)
+    assert torch.equal(dx, torch.zeros(3, 8)) and dw.shape == (0, 2)
+    values, indices = torch.randn(5, 3), torch.tensor([[0, 1, 2]] * 5, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="grad_y has 4 columns but the layer has 5 outputs"):
+        torch.ops.xmc.ffi_backward(torch.randn(2, 4), torch.randn(2, 8), values, indices, True, True)
+    with pytest.raises(RuntimeError, match="grad_y has 2 rows but x has 3"):
+        torch.ops.xmc.ffi_backward(torch.randn(2, 5), torch.randn(3, 8), values, indices, True, False)
+    with pytest.raises(RuntimeError, match="values must have the dtype of grad_y"):
+        torch.ops.xmc.ffi_backward(
+            torch.randn(2, 5), torch.randn(2, 8), values.double(), indices, False, True
+        )
+    with pytest.raises(RuntimeError, match="fan_in 3 exceeds in_features 2"):
+        torch.ops.xmc.ffi_backward(torch.randn(2, 5), torch.randn(2, 2), values, indices, True, True)
+    one_bad = indices.clone()
+    one_bad[4, 2] = 8
+    with pytest.raises(RuntimeError, match=r"1 entries outside \[0, in_features=8\)"):
+        torch.ops.xmc.ffi_backward(torch.randn(2, 5), torch.randn(2, 8), values, one_bad, True, True)
+
+
+def test_autograd_backward_is_one_combined_call(monkeypatch):
+    """The layer's backward asks ffi_backward once, for exactly the gradients autograd needs."""
+    calls = []
+    real = torch.ops.xmc.ffi_backward
+
+    def recording(*args):
+        calls.append(args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.xmc, "ffi_backward", recording)
+    layer = FixedFanInSparse(20, 9, 4, seed=0)
+    x = torch.randn(3, 20, requires_grad=True)
+    layer(x).sum().backward()
+    layer.values.requires_grad_(False)
+    layer(x).sum().backward()
+    layer(x.detach()).sum().backward()  # bias only: no call
+    assert calls == [(True, True), (True, False)]
+
+
 def test_forward_without_bias():
     x, values, indices, bias, dy = _problem(9, 30, 11, 4)
     y_ref, *_ = _dense_reference(x, values, indices, torch.zeros_like(bias), dy)

@@ -21,7 +21,9 @@ INIT_BLOCK = 4096  # rows per independently seeded block of a seeded layer's ini
 
 
 class _FixedFanInFunction(torch.autograd.Function):
-    """Autograd over the three torch.ops.xmc kernels (forward, dx, dW); the bias gradient is a column sum."""
+    """Autograd over torch.ops.xmc: ffi_forward, then one ffi_backward for the gradients of x and values
+    that are needed (on CUDA with both: one fused pass over dy and the connections); the bias gradient
+    is a column sum."""
 
     @staticmethod
     def forward(ctx, x, values, indices, bias):
@@ -33,11 +35,11 @@ class _FixedFanInFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, values, indices = ctx.saved_tensors
+        need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.xmc.ffi_backward_input(grad_y, values, indices, x.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_values = torch.ops.xmc.ffi_backward_weight(grad_y, x, indices)
+        if need_x or need_values:
+            # A gradient not asked for comes back undefined (None).
+            grad_x, grad_values = torch.ops.xmc.ffi_backward(grad_y, x, values, indices, need_x, need_values)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_y.sum(0)
         return grad_x, grad_values, None, grad_bias
