@@ -1,16 +1,18 @@
 """Random-projection head against a dense head: step time, and bytes per step of the gradient exchange.
 
-Step = forward of the head, the softmax loss (`distributed_loss`, as in training), backward (with the
-gradient of the embeddings the backbone would need) and an Adam step of the head, at C labels and
-one batch; medians over repeats after warm-up, both heads interleaved in the same run so that load
-from other processes hits both alike. The softmax over the [batch, C] logits and its backward cost
-the same for both heads; it is also timed alone (forward + backward on [batch, C] logits), which
-bounds the attainable ratio (Amdahl) however slim the classifier, and shows the ratio of the rest.
+Step = the head and its softmax loss over C labels (`head_loss`, as in training), backward (with the
+gradient of the embeddings the backbone would need) and an Adam step of the head, for one batch;
+medians over repeats after warm-up, all variants interleaved in the same run so that load from other
+processes hits them alike. Two paths are timed for both heads:
+- fused (what training runs on CPU): `pipeline/ops/linear_softmax.py`, logits produced, exponentiated
+  and multiplied out chunk by chunk in cache;
+- unfused: the head's [batch, C] logits, then `distributed_loss` over them: the logits stream through
+  memory about ten times, a cost both heads share (Amdahl), which is what held the ratio down.
 The RP head multiplies in the cheap order, (h R) V^T: batch*d*k + batch*k*C multiply-adds.
 On CPU, glibc hands every [batch, C] float32 tensor (205 MB at the defaults) back to the kernel when
-it is freed and page-faults it in, zeroed, at the next allocation; that dominates the softmax's cost.
-The trainer switches this off (`pipeline/train/allocator.py`, as a caching allocator, jemalloc or
-tcmalloc would), and so does this bench by default; `--no-keep-freed-memory` measures without.
+it is freed and page-faults it in, zeroed, at the next allocation. The trainer switches this off
+(`pipeline/train/allocator.py`, as a caching allocator, jemalloc or tcmalloc would), and so does this
+bench by default; `--no-keep-freed-memory` measures without.
 
 Bytes: one step of the Horovod exchange (`GradientExchange`) of the RP head's gradients per
 compression mode, counted by its own accounting. With a single process Horovod has one replica, so
@@ -28,11 +30,13 @@ import torch
 
 from pipeline.models.heads.dense import DenseHead
 from pipeline.models.heads.rp import RPHead
+from pipeline.ops.linear_softmax import head_loss
 from pipeline.parallel.label_range import split_labels
 from pipeline.parallel.losses import distributed_loss
 from pipeline.train.allocator import keep_freed_memory
 
-PHASES = ("head_forward", "loss_forward", "backward", "optimizer")
+PHASES = ("forward", "backward", "optimizer")
+PATHS = ("fused", "unfused")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=64, help="projected dimension k of the RP head")
     parser.add_argument("--embed", type=int, default=512, help="embedding dimension d")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per head, after 2 warm-up")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant, after 2 warm-up")
     parser.add_argument("--labels-per-sample", type=int, default=5)
     parser.add_argument("--topk-fraction", type=float, default=0.01)
     parser.add_argument(
@@ -48,45 +52,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="glibc: serve large tensors from the heap and keep freed memory (no mmap/munmap and page "
-        "faults per [batch, C] tensor, as a caching allocator would); affects both heads alike",
+        "faults per [batch, C] tensor, as a caching allocator would); affects all variants alike",
     )
 
 
 class StepTimer:
-    """One head, its Adam optimizer and the batch; `step()` returns the seconds of each phase."""
+    """One head, its Adam optimizer, the batch and the loss path; `step()` returns seconds per phase."""
 
-    def __init__(self, head: torch.nn.Module, batch: tuple) -> None:
-        self.head, self.batch = head, batch
+    def __init__(self, head: torch.nn.Module, batch: tuple, path: str) -> None:
+        self.head, self.batch, self.path = head, batch, path
         # fused Adam, for both heads: on CPU about 7x faster than the default multi-tensor one
         self.optimizer = torch.optim.Adam(head.parameters(), lr=1e-3, fused=True)
 
-    def step(self) -> dict[str, float]:
+    def loss(self) -> torch.Tensor:
         h, indptr, indices, valid = self.batch
-        times = {}
+        args = (indptr, indices, self.head.label_range, valid, None)
+        if self.path == "fused":
+            return head_loss(self.head, h, "softmax", *args)
+        return distributed_loss("softmax", self.head(h), *args)
+
+    def step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        logits = self.head(h)
+        loss = self.loss()
         t1 = time.perf_counter()
-        loss = distributed_loss("softmax", logits, indptr, indices, self.head.label_range, valid, None)
-        t2 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        h.grad = None
+        self.batch[0].grad = None
         loss.backward()
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         self.optimizer.step()
-        t4 = time.perf_counter()
-        times.update(head_forward=t1 - t0, loss_forward=t2 - t1, backward=t3 - t2, optimizer=t4 - t3)
-        times["total"] = t4 - t0
-        return times
-
-
-def time_loss_alone(batch: tuple, num_labels: int) -> float:
-    """Seconds of the softmax loss forward + backward on [batch, C] logits: the part both heads share."""
-    h, indptr, indices, valid = batch
-    logits = torch.randn(h.shape[0], num_labels).requires_grad_()
-    t0 = time.perf_counter()
-    loss = distributed_loss("softmax", logits, indptr, indices, split_labels(num_labels, 1, 0), valid, None)
-    loss.backward()
-    return time.perf_counter() - t0
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
 
 
 def make_batch(args: argparse.Namespace) -> tuple:
@@ -98,21 +93,22 @@ def make_batch(args: argparse.Namespace) -> tuple:
 
 
 def time_heads(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Median seconds per phase of each (head, path), keyed "dense/fused" etc."""
     label_range = split_labels(args.labels, 1, 0)
     batch = make_batch(args)
-    timers = {
-        "dense": StepTimer(DenseHead(args.embed, label_range), batch),
-        "rp": StepTimer(RPHead(args.embed, label_range, args.dim, seed=0), batch),
+    heads = {
+        "dense": DenseHead(args.embed, label_range),
+        "rp": RPHead(args.embed, label_range, args.dim, seed=0),
     }
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in (*timers, "loss")}
+    timers = {
+        f"{name}/{path}": StepTimer(head, batch, path) for name, head in heads.items() for path in PATHS
+    }
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in timers}
     for repeat in range(2 + args.repeats):
         for name, timer in timers.items():
             times = timer.step()
             if repeat >= 2:
                 samples[name].append(times)
-        loss_time = time_loss_alone(batch, args.labels)
-        if repeat >= 2:
-            samples["loss"].append({"total": loss_time})
     return {
         name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
         for name, runs in samples.items()
@@ -149,18 +145,16 @@ def run(args: argparse.Namespace) -> dict:
         f"median of {args.repeats} steps after 2 warm-up, keep freed memory: {args.keep_freed_memory}"
     )
     medians = time_heads(args)
-    dense, rp, loss = medians["dense"], medians["rp"], medians["loss"]["total"]
-    for name, m in (("dense", dense), ("rp", rp)):
-        phases = "  ".join(f"{p} {1e3 * m[p]:7.1f}" for p in PHASES)
-        print(f"{name:>5} step {1e3 * m['total']:8.1f} ms   ({phases} ms)")
-    ratio = dense["total"] / rp["total"]
-    print(f"speed-up of the RP step: {ratio:.2f}x (target >= 6x at d/k = {args.embed / args.dim:g})")
-    # what is left of a step without the softmax over [batch, C] (forward + backward, timed alone)
-    own = {"dense": dense["total"] - loss, "rp": rp["total"] - loss}
+    ratios = {}
+    for path in PATHS:
+        for name in ("dense", "rp"):
+            m = medians[f"{name}/{path}"]
+            phases = "  ".join(f"{p} {1e3 * m[p]:7.1f}" for p in PHASES)
+            print(f"{path:>7} {name:>5} step {1e3 * m['total']:8.1f} ms   ({phases} ms)")
+        ratios[path] = medians[f"dense/{path}"]["total"] / medians[f"rp/{path}"]["total"]
     print(
-        f"softmax loss fwd+bwd alone {1e3 * loss:.1f} ms = {100 * loss / rp['total']:.0f}% of the RP step; "
-        f"without it: dense {1e3 * own['dense']:.1f} ms, rp {1e3 * own['rp']:.1f} ms, "
-        f"{own['dense'] / own['rp']:.2f}x"
+        f"speed-up of the RP step: {ratios['fused']:.2f}x fused (as trained; target >= 6x at d/k = "
+        f"{args.embed / args.dim:g}), {ratios['unfused']:.2f}x unfused"
     )
 
     sent = exchange_bytes(args)
@@ -177,12 +171,11 @@ def run(args: argparse.Namespace) -> dict:
         "dim": args.dim,
         "threads": torch.get_num_threads(),
         "keep_freed_memory": args.keep_freed_memory,
-        "dense_step_ms": 1e3 * dense["total"],
-        "rp_step_ms": 1e3 * rp["total"],
-        "speedup": ratio,
-        "softmax_loss_ms": 1e3 * loss,
-        "speedup_without_loss": own["dense"] / own["rp"],
-        "phases_ms": {name: {p: 1e3 * m[p] for p in PHASES} for name, m in (("dense", dense), ("rp", rp))},
+        "dense_step_ms": 1e3 * medians["dense/fused"]["total"],
+        "rp_step_ms": 1e3 * medians["rp/fused"]["total"],
+        "speedup": ratios["fused"],
+        "speedup_unfused": ratios["unfused"],
+        "phases_ms": {name: {p: 1e3 * m[p] for p in (*PHASES, "total")} for name, m in medians.items()},
         "exchange_bytes": sent,
         "topk_reduction": sent["none"] / sent["topk"],
         "dense_none_bytes": dense_none,

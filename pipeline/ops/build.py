@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ("ffi_binding.cpp", "ffi_cpu.cpp")
+CPU_SOURCES = ("ffi_binding.cpp", "ffi_cpu.cpp", "linear_softmax.cpp")
 CUDA_SOURCE = "ffi_cuda.cu"
 HEADERS = ("ffi_cpu.h", "ffi_cuda.h")
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]

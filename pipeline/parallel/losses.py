@@ -202,11 +202,26 @@ def distributed_loss(
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss {kind!r}; expected one of {LOSS_KINDS}")
     z = logits_local.float()
-    indptr, indices, valid = (t.to(z.device) for t in (label_indptr, label_indices, valid))
-    rows, cols, count = target_pairs(indptr, indices, label_range)
-    weight = valid.to(z.dtype) / valid.sum().clamp(min=1)
     if kind == "softmax":
-        # A sample without labels contributes 0: weight 0, and count 1 to keep the division finite.
-        weight = weight * (count > 0)
-        return _SoftmaxCrossEntropy.apply(z, rows, cols, count.clamp(min=1).to(z.dtype), weight, group)
+        targets = softmax_targets(label_indptr, label_indices, label_range, valid, z.device)
+        return _SoftmaxCrossEntropy.apply(z, *targets, group)
+    indptr, indices, valid = (t.to(z.device) for t in (label_indptr, label_indices, valid))
+    rows, cols, _ = target_pairs(indptr, indices, label_range)
+    weight = valid.float() / valid.sum().clamp(min=1)
     return _SumOverGroup.apply(_SparseTargetLoss.apply(z, rows, cols, weight, kind), group)
+
+
+def softmax_targets(
+    label_indptr: torch.Tensor,
+    label_indices: torch.Tensor,
+    label_range: LabelRange,
+    valid: torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the softmax loss needs of the targets, on `device`: the local target pairs (rows, cols),
+    |y| per sample (float32, >= 1) and the per-sample weight [N] (1 / number of valid samples; 0 for
+    padding and for a sample without labels, which contributes 0 and still counts as valid)."""
+    indptr, indices, valid = (t.to(device) for t in (label_indptr, label_indices, valid))
+    rows, cols, count = target_pairs(indptr, indices, label_range)
+    weight = valid.float() / valid.sum().clamp(min=1) * (count > 0)
+    return rows, cols, count.clamp(min=1).float(), weight

@@ -35,12 +35,12 @@ from tqdm import tqdm
 from pipeline.config import RunConfig
 from pipeline.data import make_loader, read_manifest
 from pipeline.models.build import build_backbone, build_head
+from pipeline.ops.linear_softmax import head_loss
 from pipeline.parallel.gather_labels import gather_labels
 from pipeline.parallel.gradient_exchange import GradientExchange
 from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.horovod import dp_process_set
 from pipeline.parallel.label_range import LabelRange, split_labels
-from pipeline.parallel.losses import distributed_loss
 from pipeline.parallel.model_parallel import gather_embeddings, sum_replicated_grads
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.allocator import keep_freed_memory
@@ -211,15 +211,18 @@ class Trainer:
 
     # ----- model ----------------------------------------------------------------------------------
 
-    def head_logits(self, h: torch.Tensor, micro: int) -> torch.Tensor:
-        """Local logits of the group's gathered embeddings. Dropout inside the head draws from a seed
-        shared by the model-parallel group, so its replicated layers see the same masks everywhere."""
-        h_all = gather_embeddings(scale_grad(h, self.grid.mp), self.grid.mp_group)
+    def head_loss(self, h: torch.Tensor, micro: int, indptr, indices, valid) -> torch.Tensor:
+        """The loss over the group's gathered embeddings and labels (`head_loss`: a softmax over a
+        linear head is fused). Dropout inside the head draws from a seed shared by the model-parallel
+        group, so its replicated layers see the same masks everywhere."""
+        g = self.grid
+        h_all = gather_embeddings(scale_grad(h, g.mp), g.mp_group)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(
-                hash((self.config.train.seed, self.position.step, micro, self.grid.dp_rank)) & 0xFFFFFFFF
+            seed = hash((self.config.train.seed, self.position.step, micro, g.dp_rank)) & 0xFFFFFFFF
+            torch.manual_seed(seed)
+            return head_loss(
+                self.head, h_all, self.config.model.loss, indptr, indices, self.label_range, valid, g.mp_group
             )
-            return self.head(h_all)
 
     # ----- one step -------------------------------------------------------------------------------
 
@@ -235,10 +238,7 @@ class Trainer:
             h = embed(self.engine, batch, self.config.data.batch_size, self.dtype)
             labels = padded_labels(batch, self.config.data.batch_size)
             indptr, indices, valid = gather_labels(*labels, g.mp_group)
-            logits = self.head_logits(h, micro)
-            loss = distributed_loss(
-                self.config.model.loss, logits, indptr, indices, self.label_range, valid, g.mp_group
-            )
+            loss = self.head_loss(h, micro, indptr, indices, valid)
             if fault_point(g.rank, self.position.step) == "nan":
                 loss = loss * float("nan")
             flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])

@@ -53,6 +53,10 @@ class DenseHead(nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(embeddings, self.weight, self.bias)
 
+    def linear_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """x with logits = x W^T + b (here the embeddings): lets the softmax loss fuse the product."""
+        return embeddings
+
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank of the model-parallel group holds whole: none."""
         return []

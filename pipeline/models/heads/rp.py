@@ -85,8 +85,12 @@ class RPHead(nn.Module):
         # h R first: N*d*k + N*k*C multiply-adds, against d*k*C + N*d*C for h (R V^T). The bias is
         # added in place after the product: on CPU, addmm with a broadcast bias (what F.linear does)
         # took 3x the time of the plain product at k = 64, C = 200,000 (see launch/bench_rp.py).
-        logits = (h.to(self.projection.dtype) @ self.projection) @ self.weight.t()
+        logits = self.linear_input(h) @ self.weight.t()
         return logits if self.bias is None else logits.add_(self.bias)
+
+    def linear_input(self, h: torch.Tensor) -> torch.Tensor:
+        """z = h R, with logits = z V^T + b: lets the softmax loss fuse the product."""
+        return h.to(self.projection.dtype) @ self.projection
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         return []
