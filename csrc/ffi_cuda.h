@@ -44,8 +44,9 @@ size_t ffi_backward_cuda_workspace_bytes(FfiDtype dtype, int64_t N, int64_t H, i
                                          bool need_input, bool need_weight);
 
 // dx and/or dW of one dy: grad_x / grad_values null = not wanted. With both, one fused kernel reads
-// dy and walks the connections once (XMC_FFI_DX=atomic, the default); with XMC_FFI_DX=csc or
-// XMC_FFI_FUSED=0, or with one gradient, the separate launchers above run. workspace_bytes: what the
+// dy and walks the connections once (float32 with XMC_FFI_DX=atomic, the defaults; XMC_FFI_FUSED=1
+// also for bfloat16); with XMC_FFI_DX=csc or XMC_FFI_FUSED=0, or with one gradient, the separate
+// launchers above run. workspace_bytes: what the
 // caller allocated (checked against what this call needs).
 void ffi_backward_cuda(FfiDtype dtype, const void* grad_y, const void* x, const void* values, const int32_t* indices,
                        void* grad_x, void* grad_values, void* workspace, size_t workspace_bytes, int64_t N, int64_t H,

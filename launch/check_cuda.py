@@ -140,11 +140,15 @@ def check_case(n: int, h: int, c: int, k: int, bias: bool, dtype: torch.dtype, b
         for mode in MODES:
             set_mode(mode)
             outs[f"dx[{mode}]"] = torch.ops.xmc.ffi_backward_input(dyg, wg, ig, h)
-            # Both gradients in one call: the fused kernel in atomic mode, csc dx + dW in csc mode.
+            # Both gradients in one call: the fused kernel in atomic mode (forced for bf16 too, whose
+            # default is the separate kernels), csc dx + dW in csc mode.
+            os.environ["XMC_FFI_FUSED"] = "1"
             outs[f"dx[bwd {mode}]"], outs[f"dW[bwd {mode}]"] = torch.ops.xmc.ffi_backward(
                 dyg, xg, wg, ig, True, True
             )
+            os.environ.pop("XMC_FFI_FUSED")
         set_mode("atomic")
+        outs["dx[bwd auto]"], outs["dW[bwd auto]"] = torch.ops.xmc.ffi_backward(dyg, xg, wg, ig, True, True)
         only_dx, none_w = torch.ops.xmc.ffi_backward(dyg, xg, wg, ig, True, False)
         none_x, only_dw = torch.ops.xmc.ffi_backward(dyg, xg, wg, ig, False, True)
         outs["dx[bwd x only]"], outs["dW[bwd W only]"] = only_dx, only_dw
@@ -416,24 +420,26 @@ def perf_check(peak_bw: float) -> list[dict]:
                     )
                 )
 
-                def fused(x=x, dy=dy, w=w, i=idx):
+                def backward(x=x, dy=dy, w=w, i=idx):
                     return torch.ops.xmc.ffi_backward(dy, x, w, i, True, True)
 
-                row["bwd_fused_s"] = cuda_time(fused)
-                # L2 budget doubled: float32 tiles as wide as the separate kernels' (both slabs together
-                # may then spill from L2); tells whether the narrower default tiles pay.
+                row["bwd_s"] = cuda_time(backward)  # the default: fused for float32 only
+                os.environ["XMC_FFI_FUSED"] = "1"
+                row["bwd_fused_s"] = cuda_time(backward)
+                # L2 budget doubled: tiles twice as wide; tells whether the default width pays.
                 row["bwd_fused_wide_s"] = math.nan
                 if l2_budget_mb() > 0:
                     os.environ["XMC_FFI_L2_BUDGET_MB"] = f"{2 * l2_budget_mb():.3f}"
                     try:
-                        row["bwd_fused_wide_s"] = cuda_time(fused)
+                        row["bwd_fused_wide_s"] = cuda_time(backward)
                     finally:
                         os.environ.pop("XMC_FFI_L2_BUDGET_MB", None)
+                os.environ.pop("XMC_FFI_FUSED")
                 row["fused_over_separate"] = row["bwd_fused_s"] / row["bwd_separate_s"]
                 dx_s = row[f"dx_{row['dx_best']}_s"]
                 row["fwd_bwd_separate_s"] = row["forward_s"] + row["dW_s"] + dx_s + row["bias_grad_s"]
-                # The autograd path: forward, one fused backward call, the bias column sum.
-                row["fwd_bwd_s"] = row["forward_s"] + row["bwd_fused_s"] + row["bias_grad_s"]
+                # The autograd path: forward, one ffi_backward call, the bias column sum.
+                row["fwd_bwd_s"] = row["forward_s"] + row["bwd_s"] + row["bias_grad_s"]
                 for name, key in (
                     ("forward", "forward_s"),
                     ("dW", "dW_s"),

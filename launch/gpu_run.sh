@@ -88,6 +88,7 @@ from pipeline.ops import draw_fan_in_indices, load_ops
 
 load_ops()
 os.environ["XMC_FFI_L2_BUDGET_MB"] = "0.05"  # many batch tiles on a small problem
+os.environ["XMC_FFI_FUSED"] = "1"  # ffi_backward: the fused kernel for both dtypes
 for dtype in (torch.float32, torch.bfloat16):
     for mode in ("atomic", "csc"):
         os.environ["XMC_FFI_DX"] = mode
@@ -100,6 +101,7 @@ for dtype in (torch.float32, torch.bfloat16):
         torch.ops.xmc.ffi_forward(x, w, i, b)
         torch.ops.xmc.ffi_backward_input(dy, w, i, h)
         torch.ops.xmc.ffi_backward_weight(dy, x, i)
+        torch.ops.xmc.ffi_backward(dy, x, w, i, True, True)  # fused in atomic mode
         torch.cuda.synchronize()
         print("memcheck pass:", dtype, mode)
 EOF
