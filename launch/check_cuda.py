@@ -412,6 +412,20 @@ def perf_check(peak_bw: float) -> list[dict]:
                     )
                 set_mode("atomic")
                 row["dx_best"] = min(MODES, key=lambda m: row[f"dx_{m}_s"])
+                # The same gathers by torch's own kernel: embedding_bag over the rows of x^T (sum of the
+                # K weighted rows of each output; no transposes of x or y counted).
+                xt = x.t().contiguous()
+                offsets = torch.arange(0, labels * k, k, device=dev, dtype=torch.int32)
+                flat_idx, flat_w = idx.view(-1), w.view(-1)
+
+                def bag(xt=xt, i=flat_idx, o=offsets, pw=flat_w):
+                    return nn.functional.embedding_bag(i, xt, o, mode="sum", per_sample_weights=pw)
+
+                row["embedding_bag_fwd_s"] = cuda_time(bag)
+                del xt
+                gathered = e * n * labels * k  # bytes of x rows the forward gathers (through L2)
+                row["forward_gather_Bps"] = gathered / row["forward_s"]
+                row["embedding_bag_gather_Bps"] = gathered / row["embedding_bag_fwd_s"]
                 row["bias_grad_s"] = cuda_time(lambda dy=dy: dy.sum(0))
                 row["bwd_separate_s"] = cuda_time(
                     lambda x=x, dy=dy, w=w, i=idx: (
@@ -465,6 +479,13 @@ def perf_check(peak_bw: float) -> list[dict]:
                     f"dx csc {row['dx_csc_s'] * 1e3:.3f} ms, dW {row['dW_s'] * 1e3:.3f} ms "
                     f"({row['dW_frac_peak']:.0%}); fwd+bwd {row['fwd_bwd_s'] * 1e3:.3f} ms vs dense(768) "
                     f"{row['dense768_fwd_bwd_s'] * 1e3:.3f} ms = {row['dense_over_ffi']:.2f}x",
+                    flush=True,
+                )
+                print(
+                    f"perf N={n} K={k} {row['dtype']}: gathers {gathered / 1e9:.1f} GB: ffi forward "
+                    f"{row['forward_gather_Bps'] / 1e12:.2f} TB/s, torch embedding_bag (same gathers) "
+                    f"{row['embedding_bag_fwd_s'] * 1e3:.3f} ms = "
+                    f"{row['embedding_bag_gather_Bps'] / 1e12:.2f} TB/s",
                     flush=True,
                 )
                 print(
