@@ -75,6 +75,10 @@ EOF
 
 stage check_cuda 180 "$PY" launch/check_cuda.py
 
+# The L2 and HBM streaming bandwidth of this card: the bound of the FFI kernels' gathers and atomics.
+ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '.')
+stage l2_bandwidth 60 bash -c "nvcc -O3 -arch=sm_${ARCH} launch/l2_bandwidth.cu -o /tmp/l2_bandwidth && /tmp/l2_bandwidth"
+
 # Out-of-bounds / misaligned accesses in every kernel, both dx modes, odd shape with several tiles.
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
   /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
