@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import make_loader, read_manifest  # noqa: E402
 from pipeline.models.build import build_backbone, build_head  # noqa: E402
-from pipeline.parallel.distributed import init_distributed  # noqa: E402
+from pipeline.parallel.distributed import collective_device, init_distributed  # noqa: E402
 from pipeline.parallel.grid import build_grid  # noqa: E402
 from pipeline.parallel.label_range import split_labels  # noqa: E402
 from pipeline.train import checkpoint as ckpt  # noqa: E402
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     shards = ckpt.load_head_shards(checkpoint, meta["model_parallel"])
     state, _ = ckpt.reshard_head_state(shards, head, label_range)
     head.load_state_dict(state)
-    backbone.eval()
-    head.eval()
+    device = collective_device()  # the GPU of this rank under nccl, else the CPU
+    backbone.to(device).eval()
+    head.to(device).eval()
 
     batch_size = args.batch_size or config.data.batch_size
     source = args.data or config.data.test

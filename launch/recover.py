@@ -30,7 +30,7 @@ from pipeline.config import load_config, save_config  # noqa: E402
 from pipeline.data import make_loader, read_manifest  # noqa: E402
 from pipeline.models.build import build_backbone, build_head  # noqa: E402
 from pipeline.models.recovery import recover_dense_head  # noqa: E402
-from pipeline.parallel.distributed import init_distributed  # noqa: E402
+from pipeline.parallel.distributed import collective_device, init_distributed  # noqa: E402
 from pipeline.parallel.gather_labels import gather_labels  # noqa: E402
 from pipeline.parallel.grid import build_grid  # noqa: E402
 from pipeline.parallel.horovod import init_horovod, shutdown_horovod  # noqa: E402
@@ -59,7 +59,8 @@ def group_batches(backbone, loader, grid, batch_size: int):
     for batch in loader:
         with torch.no_grad():  # not around the yield: a caller that stops early would inherit it
             h = gather_embeddings(embed(backbone, batch, batch_size, dtype), grid.mp_group)
-        yield (h, *gather_labels(*padded_labels(batch, batch_size), grid.mp_group))
+        labels = (t.to(h.device) for t in padded_labels(batch, batch_size))
+        yield (h, *gather_labels(*labels, grid.mp_group))
 
 
 def calibrate_scale(dense, loss_kind: str, label_range, group, batches, max_batches: int = 16) -> float:
@@ -72,7 +73,8 @@ def calibrate_scale(dense, loss_kind: str, label_range, group, batches, max_batc
     optimum the search returns about 1. Every rank of the group evaluates the same candidates (the
     loss all-reduces over the group); sums over data-parallel replicas are all-reduced at the end."""
     factors = torch.tensor([2.0**e for e in range(-20, 9)], dtype=torch.float64)
-    totals = torch.zeros(len(factors) + 1, dtype=torch.float64)  # summed losses, then the sample count
+    # summed losses, then the sample count; on the device of the collectives
+    totals = torch.zeros(len(factors) + 1, dtype=torch.float64, device=dense.weight.device)
     bias = dense.bias if dense.bias is not None else 0.0
     with torch.no_grad():
         for i, (h, indptr, indices, valid) in enumerate(batches):
@@ -110,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
 
     backbone = build_backbone(config.model, manifest.feature_kind, manifest.num_features)
     backbone.load_state_dict(torch.load(checkpoint / "backbone.pt", map_location="cpu", weights_only=True))
-    backbone.eval()
+    device = collective_device()  # the GPU of this rank under nccl, else the CPU
+    backbone.to(device).eval()
     shard = torch.load(
         checkpoint / "head" / f"rank{grid.rank:05d}.pt", map_location="cpu", weights_only=False
     )
     slim = build_head(config.model, label_range, seed=config.train.seed)
     slim.load_state_dict(shard["head"])
+    slim.to(device)
 
     def train_batches():
         return make_loader(config.data.train, batch_size, grid.rank, grid.world_size, shuffle=False)

@@ -94,6 +94,15 @@ def _unlink_deepspeed_shm() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where this rank's tensors for collectives of `group` live: its GPU under nccl (which takes no
+    CPU tensors), else the CPU. The trainer, predict and recover keep the head, the labels and every
+    reduced number there."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(timeout_s: float = 300.0) -> LaunchInfo:
     """Initialise the default process group (through DeepSpeed, so its engines share it)."""
     launcher = detect_launcher()

@@ -17,7 +17,8 @@ def gather_labels(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(indptr, indices, valid) of the concatenated batches of the group, in group-rank order.
 
-    Every rank of the group must pass the same number of rows (the trainer pads batches)."""
+    Every rank of the group must pass the same number of rows (the trainer pads batches). The inputs
+    must be on the group's collective device (the GPU under nccl); the outputs are too."""
     size = 1 if group is None else dist.get_world_size(group)
     if size == 1:
         return indptr, indices, valid
@@ -25,12 +26,12 @@ def gather_labels(
     all_rows = [torch.empty_like(rows) for _ in range(size)]
     dist.all_gather(all_rows, rows, group=group)
     counts = [int(r[0].sum()) for r in all_rows]
-    padded = torch.zeros(max(counts), dtype=torch.int64)
+    padded = indices.new_zeros(max(counts))
     padded[: indices.numel()] = indices
     all_ids = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(all_ids, padded, group=group)
     lengths = torch.cat([r[0] for r in all_rows])
-    all_indptr = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    all_indptr = indptr.new_zeros(lengths.numel() + 1)
     torch.cumsum(lengths, 0, out=all_indptr[1:])
     ids = torch.cat([i[:n] for i, n in zip(all_ids, counts, strict=True)])
     return all_indptr, ids, torch.cat([r[1] for r in all_rows]).bool()

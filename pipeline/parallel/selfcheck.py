@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.parallel.distributed import collective_device
 from pipeline.parallel.grid import ProcessGrid
 
 
@@ -20,7 +21,7 @@ class SelfCheckError(RuntimeError):
 
 
 def _expect(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    if not torch.equal(got, want):
+    if not torch.equal(got.cpu(), want):
         raise SelfCheckError(f"self-check {name}: got {got.tolist()}, expected {want.tolist()}")
 
 
@@ -28,17 +29,18 @@ def run_self_check(grid: ProcessGrid) -> dict[str, Any]:
     import horovod.torch as hvd
 
     rank, world = grid.rank, grid.world_size
-    x = torch.tensor([rank + 1.0, 2.0 * rank])
+    dev = collective_device()  # nccl takes GPU tensors only
+    x = torch.tensor([rank + 1.0, 2.0 * rank], device=dev)
     dist.all_reduce(x)
     _expect("torch allreduce (world)", x, torch.tensor([world * (world + 1) / 2, float(world * (world - 1))]))
 
     mp_ranks = grid.layout.mp_group_ranks(grid.dp_rank)
-    y = torch.tensor([float(rank)])
+    y = torch.tensor([float(rank)], device=dev)
     dist.all_reduce(y, group=grid.mp_group)
     _expect("torch allreduce (model-parallel group)", y, torch.tensor([float(sum(mp_ranks))]))
 
     dp_ranks = grid.layout.dp_group_ranks(grid.mp_rank)
-    z = torch.tensor([float(rank)])
+    z = torch.tensor([float(rank)], device=dev)
     dist.all_reduce(z, group=grid.dp_group)
     _expect("torch allreduce (data-parallel group)", z, torch.tensor([float(sum(dp_ranks))]))
 

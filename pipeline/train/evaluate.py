@@ -22,11 +22,14 @@ from pipeline.train.metrics import XMCMetrics
 
 
 def embed(backbone: nn.Module, batch, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Backbone embeddings of a batch in float32, padded with zero rows to `batch_size`."""
+    """Backbone embeddings of a batch in float32, padded with zero rows to `batch_size`, on the
+    backbone's device."""
+    device = next(backbone.parameters()).device
     if batch.dense is not None:
-        h = backbone(batch.dense.to(dtype))
+        h = backbone(batch.dense.to(device, dtype))
     else:
-        h = backbone(batch.feature_indices, batch.feature_offsets, batch.feature_weights.to(dtype))
+        inputs = (batch.feature_indices, batch.feature_offsets, batch.feature_weights.to(dtype))
+        h = backbone(*(t.to(device) for t in inputs))
     missing = batch_size - h.shape[0]
     if missing:
         h = torch.cat([h, h.new_zeros(missing, h.shape[1])])
@@ -53,14 +56,15 @@ def predict(
     batch_size: int,
     k: int,
 ) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
-    """(batch, top-k scores, top-k global label ids) for this rank's own samples, batch by batch."""
+    """(batch, top-k scores, top-k global label ids) for this rank's own samples, batch by batch; the
+    scores and ids on the CPU, like the batch."""
     dtype = next(backbone.parameters()).dtype
     own = slice(grid.mp_rank * batch_size, (grid.mp_rank + 1) * batch_size)
     for batch in batches:
         h = embed(backbone, batch, batch_size, dtype)
         logits = head(gather_embeddings(h, grid.mp_group))
         scores, ids = distributed_topk(logits, k, label_range, grid.mp_group)
-        yield batch, scores[own][: batch.size], ids[own][: batch.size]
+        yield batch, scores[own][: batch.size].cpu(), ids[own][: batch.size].cpu()
 
 
 def evaluate(

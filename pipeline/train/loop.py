@@ -36,6 +36,7 @@ from pipeline.config import RunConfig
 from pipeline.data import make_loader, read_manifest
 from pipeline.models.build import build_backbone, build_head
 from pipeline.ops.linear_softmax import head_loss
+from pipeline.parallel.distributed import collective_device
 from pipeline.parallel.gather_labels import gather_labels
 from pipeline.parallel.gradient_exchange import GradientExchange
 from pipeline.parallel.grid import ProcessGrid
@@ -162,6 +163,10 @@ class Trainer:
             config=ds_config,
         )
         self.dtype = next(self.engine.module.parameters()).dtype
+        # The head, the labels and every reduced number live where this rank's collectives run: its
+        # GPU under nccl (next to the DeepSpeed backbone), else the CPU.
+        self.device = collective_device()
+        self.head.to(self.device)
         # The RP head trains with the L2 penalty its dual recovery assumes (Adam's coupled weight decay
         # adds lambda * w to the gradient: the gradient of (lambda/2)||w||^2). Fused: one pass over each
         # (C_local x ...) tensor instead of several, which matters at 10^6 labels.
@@ -236,12 +241,12 @@ class Trainer:
         for micro in range(gas):
             batch = next(batches)
             h = embed(self.engine, batch, self.config.data.batch_size, self.dtype)
-            labels = padded_labels(batch, self.config.data.batch_size)
+            labels = (t.to(self.device) for t in padded_labels(batch, self.config.data.batch_size))
             indptr, indices, valid = gather_labels(*labels, g.mp_group)
             loss = self.head_loss(h, micro, indptr, indices, valid)
             if fault_point(g.rank, self.position.step) == "nan":
                 loss = loss * float("nan")
-            flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+            flag = torch.isfinite(loss).logical_not().float().view(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together, or none does
             if flag.item():
                 self.engine.optimizer.zero_grad()
@@ -377,7 +382,7 @@ class Trainer:
             step = self.position.step
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                mean = torch.tensor([sum(window) / len(window)])
+                mean = torch.tensor([sum(window) / len(window)], device=self.device)
                 dist.all_reduce(mean)
                 elapsed = time.perf_counter() - started
                 record = {

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from pipeline.parallel.distributed import collective_device
+
 NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
 # Rows of the accumulator: per-sample means, then the PS numerators and denominators.
 _ROWS = ("P", "nDCG", "R", "PSP_num", "PSP_den", "PSnDCG_num", "PSnDCG_den")
@@ -138,7 +140,9 @@ class XMCMetrics:
         """
         totals = torch.cat([self.sums.flatten(), self.count.view(1)])
         if dist.is_initialized() and dist.get_world_size(group) > 1:
+            totals = totals.to(collective_device(group))
             dist.all_reduce(totals, group=group)
+            totals = totals.cpu()
         sums, count = totals[:-1].view_as(self.sums), totals[-1]
         s = dict(zip(_ROWS, sums, strict=True))
         mean = 1 / count if count > 0 else 0.0
