@@ -117,6 +117,9 @@ def train(config: RunConfig, grid, resume: str | None) -> None:
     baseline = trainer.baseline()
     if grid.rank == 0:
         summary = {"final": final, "popularity_baseline": baseline, "step": trainer.position.step}
+        if torch.cuda.is_available():  # this rank's peak: backbone, head shard, Adam states, buffers
+            summary["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+            print(f"peak GPU memory (rank 0): {summary['gpu_peak_bytes'] / 2**30:.3f} GiB", flush=True)
         (Path(config.train.output_dir) / "final_metrics.json").write_text(
             json.dumps(summary, indent=1) + "\n"
         )
