@@ -47,7 +47,8 @@ run() {
     tar -xzf "$WHEELS/horovod-$HOROVOD.tar.gz" -C "$build"
     grep -rl --include=CMakeLists.txt 'CMAKE_CXX_STANDARD 14' "$build/horovod-$HOROVOD" |
       xargs sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/'
-    (cd "$build/horovod-$HOROVOD" && HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+    # gcc >= 13 no longer pulls <string>/<cstdint> in through other headers; horovod 0.28.1 relied on it
+    (cd "$build/horovod-$HOROVOD" && CXXFLAGS="-include cstdint -include string -include stdexcept" HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
       HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5 \
       MAKEFLAGS="-j$(nproc)" timeout 300 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" .) ||
       return 1
@@ -61,7 +62,7 @@ print(torch.__version__, deepspeed.__version__, horovod.__version__)')"
     --set train.output_dir="$work/runs/demo" || status=1
   echo "=== demo done at $((SECONDS - t0)) s"
   deepspeed --num_gpus 1 launch/train.py --config configs/amazon670k_ffi.json \
-    --set parallel.model_parallel=1 --set data.synthetic.num_test=20000 \
+    --set parallel.model_parallel=1 --set data.synthetic.num_train=100000 --set data.synthetic.num_test=20000 \
     --set data.train="$work/data/a670k/train" --set data.test="$work/data/a670k/test" \
     --set data.batch_size=128 --set train.steps=300 --set train.warmup_steps=20 --set train.log_every=50 \
     --set train.eval_every=0 --set train.checkpoint_every=0 \
