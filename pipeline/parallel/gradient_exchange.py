@@ -90,7 +90,8 @@ class GradientExchange:
     def _allreduce(self, name: str, tensor: torch.Tensor, compressor) -> torch.Tensor:
         wire_bytes = 2 if compressor is self.hvd.Compression.fp16 else tensor.element_size()
         self.step_bytes += tensor.numel() * wire_bytes
-        return self.hvd.allreduce(
+        return self._collective(
+            self.hvd.allreduce,
             tensor,
             name=f"xchg.{name}",
             op=self.hvd.Average,
@@ -98,10 +99,19 @@ class GradientExchange:
             process_set=self.process_set,
         )
 
+    def _collective(self, collective, tensor: torch.Tensor, /, **kwargs) -> torch.Tensor:
+        """A Horovod collective. GPU tensors go through host memory when Horovod was built without CUDA
+        (as setup.sh builds it), which would reject them; a CUDA build takes them as they are."""
+        if tensor.is_cuda and not self.hvd.cuda_built():
+            return collective(tensor.cpu(), **kwargs).to(tensor.device)
+        return collective(tensor, **kwargs)
+
     def _bf16_average(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         bits = grad.detach().to(torch.bfloat16).reshape(1, -1).view(torch.int16)
         self.step_bytes += bits.numel() * 2
-        gathered = self.hvd.allgather(bits, name=f"xchg.{name}", process_set=self.process_set)
+        gathered = self._collective(
+            self.hvd.allgather, bits, name=f"xchg.{name}", process_set=self.process_set
+        )
         return gathered.view(torch.bfloat16).float().mean(dim=0).view_as(grad).to(grad.dtype)
 
     def _topk_average(self, name: str, grad: torch.Tensor) -> torch.Tensor:
@@ -113,9 +123,10 @@ class GradientExchange:
         residual[index] = 0.0
         self.residuals[name].copy_(residual.view_as(self.residuals[name]))
         self.step_bytes += k * (4 + 4)
-        all_index = self.hvd.allgather(
-            index.to(torch.int32), name=f"xchg.{name}.i", process_set=self.process_set
+        gather = self.hvd.allgather
+        all_index = self._collective(
+            gather, index.to(torch.int32), name=f"xchg.{name}.i", process_set=self.process_set
         )
-        all_values = self.hvd.allgather(values, name=f"xchg.{name}.v", process_set=self.process_set)
+        all_values = self._collective(gather, values, name=f"xchg.{name}.v", process_set=self.process_set)
         dense = torch.zeros_like(accumulated).index_add_(0, all_index.long(), all_values)
         return (dense / self.replicas).view_as(grad).to(grad.dtype)
