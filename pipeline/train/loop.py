@@ -222,7 +222,8 @@ class Trainer:
         group, so its replicated layers see the same masks everywhere."""
         g = self.grid
         h_all = gather_embeddings(scale_grad(h, g.mp), g.mp_group)
-        with torch.random.fork_rng(devices=[]):
+        gpus = [self.device.index] if self.device.type == "cuda" else []  # dropout there draws from its RNG
+        with torch.random.fork_rng(devices=gpus):
             seed = hash((self.config.train.seed, self.position.step, micro, g.dp_rank)) & 0xFFFFFFFF
             torch.manual_seed(seed)
             return head_loss(
