@@ -1,6 +1,6 @@
 """Benchmarks: `python launch/bench.py SUITE [options]`.
 
-Each suite lives in `launch/bench_<suite>.py` with `add_arguments(parser)` and `run(args) -> dict`.
+Each suite lives in `launch/benchmarks/<suite>.py` with `add_arguments(parser)` and `run(args) -> dict`.
 A suite prints its figures as it goes (medians, and ratios against a baseline measured in the same
 run); the last line printed here is one JSON object with everything, for scripts to read.
 """
@@ -13,12 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SUITES = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+SUITE_DIR = Path(__file__).resolve().parent / "benchmarks"
+SUITES = sorted(p.stem for p in SUITE_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
 def load_suite(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"bench_{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", SUITE_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

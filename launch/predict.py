@@ -19,21 +19,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import numpy as np
+import torch.distributed as dist
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import make_loader, read_manifest  # noqa: E402
-from pipeline.models.build import build_backbone, build_head  # noqa: E402
-from pipeline.parallel.distributed import collective_device, init_distributed  # noqa: E402
-from pipeline.parallel.grid import build_grid  # noqa: E402
-from pipeline.parallel.label_range import split_labels  # noqa: E402
-from pipeline.train import checkpoint as ckpt  # noqa: E402
-from pipeline.train.evaluate import predict  # noqa: E402
-from pipeline.train.metrics import XMCMetrics  # noqa: E402
+from pipeline.data import make_loader
+from pipeline.parallel.distributed import collective_device, init_distributed
+from pipeline.parallel.grid import build_grid
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.evaluate import predict
+from pipeline.train.metrics import XMCMetrics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,35 +43,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def find_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(checkpoint folder, run folder) from either of them."""
-    if (path / "meta.json").is_file():
-        return path, path.parent.parent
-    found = ckpt.latest_checkpoint(ckpt.checkpoint_root(path))
-    if found is None:
-        raise SystemExit(f"predict: no complete checkpoint under {path}")
-    return found, path
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    checkpoint, run_dir = find_checkpoint(Path(args.checkpoint))
-    config = load_config(run_dir / "config.json")
-    meta = ckpt.read_meta(checkpoint)
+    try:
+        checkpoint, _ = ckpt.resolve_checkpoint(args.checkpoint)
+    except ckpt.CheckpointError as e:
+        raise SystemExit(f"predict: {e}") from None
     init_distributed()
     grid = build_grid(dist.get_world_size())  # every rank scores its own label range
-    train_manifest = read_manifest(config.data.train)
-    label_range = split_labels(meta["num_labels"], grid.mp, grid.mp_rank)
-
-    backbone = build_backbone(config.model, train_manifest.feature_kind, train_manifest.num_features)
-    backbone.load_state_dict(torch.load(checkpoint / "backbone.pt", map_location="cpu", weights_only=True))
-    head = build_head(config.model, label_range, seed=config.train.seed)
-    shards = ckpt.load_head_shards(checkpoint, meta["model_parallel"])
-    state, _ = ckpt.reshard_head_state(shards, head, label_range)
-    head.load_state_dict(state)
-    device = collective_device()  # the GPU of this rank under nccl, else the CPU
-    backbone.to(device).eval()
-    head.to(device).eval()
+    model = ckpt.load_for_inference(checkpoint, grid, collective_device())
+    config, train_manifest, meta = model.config, model.manifest, model.meta
+    backbone, head, label_range = model.backbone, model.head, model.label_range
 
     batch_size = args.batch_size or config.data.batch_size
     source = args.data or config.data.test

@@ -7,11 +7,8 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.data.cli import main  # noqa: E402
+from pipeline.data.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,10 +12,8 @@ whole job exits non-zero.
 there is none); `--resume PATH` from that checkpoint. `--check` starts every rank, runs the start-up
 self-check (exact allreduces over torch.distributed and Horovod) and stops: a quick test of a cluster.
 
-Fault injection, for tests of the failure paths: XMC_FAULT_RANK=N makes rank N fail, by raising
-(XMC_FAULT_KIND=raise, default), by killing itself with SIGKILL (kill) or, during training only, by
-producing a NaN loss (nan); right after start-up, or at optimizer step XMC_FAULT_STEP if that is set
-(for XMC_FAULT_COUNT steps, for nan).
+Fault injection for the tests of the failure paths: the XMC_FAULT_* variables of
+`pipeline/train/faults.py`.
 """
 
 from __future__ import annotations
@@ -23,20 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch.distributed
 
-import torch.distributed  # noqa: E402
-
-from pipeline.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
-from pipeline.parallel.distributed import detect_launcher, env_rank, init_distributed  # noqa: E402
-from pipeline.parallel.grid import GridError, Layout, build_grid  # noqa: E402
-from pipeline.parallel.horovod import init_horovod, shutdown_horovod  # noqa: E402
-from pipeline.parallel.selfcheck import run_self_check  # noqa: E402
+from pipeline.config import ConfigError, RunConfig, load_config, save_config
+from pipeline.parallel.distributed import detect_launcher, env_rank, init_distributed
+from pipeline.parallel.grid import GridError, Layout, build_grid
+from pipeline.parallel.horovod import init_horovod, shutdown_horovod
+from pipeline.parallel.selfcheck import run_self_check
+from pipeline.train.faults import FaultInjector
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,13 +64,6 @@ def check_before_start(config: RunConfig) -> None:
         )
 
 
-def maybe_inject_fault(rank: int) -> None:
-    if os.environ.get("XMC_FAULT_RANK") == str(rank) and "XMC_FAULT_STEP" not in os.environ:
-        if os.environ.get("XMC_FAULT_KIND", "raise") == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError("injected fault (XMC_FAULT_RANK)")
-
-
 def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
     launch = init_distributed()
     grid = build_grid(config.parallel.model_parallel)
@@ -82,7 +71,8 @@ def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
     out = Path(config.train.output_dir)
     if grid.rank == 0:
         save_config(config, out / "config.json")
-    maybe_inject_fault(grid.rank)
+    faults = FaultInjector.from_env(grid.rank)
+    faults.at_start()
     report = run_self_check(grid) | {"launcher": launch.launcher, "horovod_controller": controller}
     (out / "selfcheck").mkdir(parents=True, exist_ok=True)
     (out / "selfcheck" / f"rank{grid.rank}.json").write_text(json.dumps(report) + "\n")
@@ -93,19 +83,19 @@ def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
             flush=True,
         )
     if not check_only:
-        train(config, grid, resume)
+        train(config, grid, resume, faults)
     shutdown_horovod()
 
 
-def train(config: RunConfig, grid, resume: str | None) -> None:
-
+def train(config: RunConfig, grid, resume: str | None, faults: FaultInjector) -> None:
+    from pipeline.data import ensure_synthetic
     from pipeline.train import checkpoint
     from pipeline.train.loop import Trainer
 
     if grid.rank == 0:
-        ensure_data(config)
+        ensure_synthetic(config.data.train, config.data.synthetic)
     torch.distributed.barrier()
-    trainer = Trainer(config, grid)
+    trainer = Trainer(config, grid, faults)
     if resume:
         path = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.train.output_dir))
         path = path if resume == "auto" else Path(resume)
@@ -125,29 +115,6 @@ def train(config: RunConfig, grid, resume: str | None) -> None:
         )
         print(format_summary(final, baseline), flush=True)
     trainer.logbook.close()
-
-
-def ensure_data(config: RunConfig) -> None:
-    """Generate the synthetic set of `data.synthetic` when the training folder holds no manifest.
-
-    The generator writes `<folder>/train` and `<folder>/test` (checked by `check_before_start`).
-    Shards and manifests are written under temporary names and renamed when complete."""
-    from pipeline.data import write_synthetic
-
-    train = Path(config.data.train)
-    if (train / "manifest.json").is_file() or config.data.synthetic is None:
-        return  # the loader reports a missing or bad data set itself
-    s = config.data.synthetic
-    print(f"generating the synthetic data set in {train.parent} ({s.num_train} + {s.num_test} samples)")
-    write_synthetic(
-        train.parent,
-        num_train=s.num_train,
-        num_test=s.num_test,
-        num_features=s.num_features,
-        num_labels=s.num_labels,
-        seed=s.seed,
-        shard_size=max(1000, -(-s.num_train // 16)),
-    )
 
 
 def format_summary(final: dict[str, float], baseline: dict[str, float]) -> str:

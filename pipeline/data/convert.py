@@ -1,4 +1,5 @@
-"""The three conversions: source -> ShardWriter -> folder of shards + manifest.json."""
+"""The three conversions: source -> ShardWriter -> folder of shards + manifest.json; and the
+synthetic set a run config asks for, generated when it is not there yet."""
 
 from __future__ import annotations
 
@@ -116,3 +117,25 @@ def write_synthetic(
                 )
             manifests[split] = writer.finish()
     return manifests
+
+
+def ensure_synthetic(train: str | os.PathLike, spec) -> bool:
+    """Generate the synthetic set `spec` (a config's `data.synthetic`: num_train, num_test,
+    num_features, num_labels, seed) into the parent of `train` when `train` holds no manifest; returns
+    whether it generated. The generator writes `<parent>/train` and `<parent>/test` (the caller checks
+    that the config's test set is that sibling). Shards and manifests are written under temporary
+    names and renamed when complete, so an interrupted generation is redone, never half used."""
+    train = Path(train)
+    if (train / "manifest.json").is_file() or spec is None:
+        return False  # the loader reports a missing or bad data set itself
+    print(f"generating the synthetic data set in {train.parent} ({spec.num_train} + {spec.num_test} samples)")
+    write_synthetic(
+        train.parent,
+        num_train=spec.num_train,
+        num_test=spec.num_test,
+        num_features=spec.num_features,
+        num_labels=spec.num_labels,
+        seed=spec.seed,
+        shard_size=max(1000, -(-spec.num_train // 16)),
+    )
+    return True

@@ -6,6 +6,10 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.models.backbones import BowBackbone, DenseBackbone
+from pipeline.models.heads.base import Head
+from pipeline.models.heads.dense import DenseHead
+from pipeline.models.heads.ffi import FFIHead
+from pipeline.models.heads.rp import RPHead
 from pipeline.parallel.label_range import LabelRange
 
 
@@ -22,20 +26,13 @@ def build_backbone(model: ModelConfig, feature_kind: str, num_features: int) -> 
     return DenseBackbone(num_features, model.embed_dim, model.hidden_dims)
 
 
-def build_head(model: ModelConfig, label_range: LabelRange, seed: int) -> nn.Module:
+HEADS: dict[str, type] = {"dense": DenseHead, "ffi": FFIHead, "rp": RPHead}
+"""`model.head` -> the class; each builds itself with `from_config(model, label_range, seed)`."""
+
+
+def build_head(model: ModelConfig, label_range: LabelRange, seed: int) -> Head:
     """The output layer for the labels [label_range.start, label_range.stop) of this model-parallel rank."""
-    if model.head == "dense":
-        from pipeline.models.heads.dense import DenseHead
-
-        return DenseHead(model.embed_dim, label_range, seed=seed)
-    if model.head == "ffi":
-        from pipeline.models.heads.ffi import FFIHead
-
-        cfg = model.ffi
-        return FFIHead(model.embed_dim, label_range, cfg.hidden, cfg.fan_in, cfg.dropout, seed=seed)
-    from pipeline.models.heads.rp import RPHead
-
-    return RPHead(model.embed_dim, label_range, model.rp.dim, seed=model.rp.seed)
+    return HEADS[model.head].from_config(model, label_range, seed)
 
 
 def sharded_state_keys(head: nn.Module, local_labels: int) -> set[str]:

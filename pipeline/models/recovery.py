@@ -10,6 +10,7 @@ original embeddings h gives W. The gradients come from `distributed_loss` throug
 loss kind works unchanged (for softmax, g_i = p_i - y_i / |y_i|).
 
 The slim model's bias is copied as it is (it is not regularised and lives in the same logit space).
+`calibrate_scale` then fixes W's scale where the slim model is not at its optimum.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from pipeline.models.group_batch import GroupBatch
 from pipeline.models.heads.dense import DenseHead
 from pipeline.models.heads.rp import RPHead
+from pipeline.parallel.label_range import LabelRange
 from pipeline.parallel.losses import LossKind, distributed_loss
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def recover_dense_head(
     rp_head: RPHead,
-    batches: Iterable[Batch],
+    batches: Iterable[GroupBatch],
     lam: float,
     group: dist.ProcessGroup | None = None,
     dp_group: dist.ProcessGroup | None = None,
@@ -36,9 +37,9 @@ def recover_dense_head(
 ) -> DenseHead:
     """The recovered dense head for rp_head's label range: W = -(1/(lam n)) sum_i g_i h_i^T.
 
-    `batches` yields (h, label_indptr, label_indices, valid) of the model-parallel group's gathered
-    batch, exactly what the head sees in training: h [N, d] the embeddings of the whole group
-    (`gather_embeddings`, no autograd needed), the N samples' labels as CSR of global ids, valid [N]
+    `batches` yields the model-parallel group's gathered batches (`group_batches`: h, label_indptr,
+    label_indices, valid), exactly what the head sees in training: h [N, d] the embeddings of the
+    whole group (no autograd needed), the N samples' labels as CSR of global ids, valid [N]
     bool marking real (non-padding) samples; identical on every rank of `group`, which must all
     iterate in step (the loss all-reduces over `group`). Over the data-parallel replicas (`dp_group`,
     the ranks holding the same label range) the partial sums and sample counts are summed, so each
@@ -81,3 +82,40 @@ def recover_dense_head(
         if rp_head.bias is not None:
             dense.bias.copy_(rp_head.bias)
     return dense
+
+
+def calibrate_scale(
+    dense: DenseHead,
+    loss_kind: LossKind,
+    label_range: LabelRange,
+    group: dist.ProcessGroup | None,
+    batches: Iterable[GroupBatch],
+    max_batches: int = 16,
+) -> float:
+    """The factor a > 0 (a power of 2 in 2^-20 .. 2^8) that minimises the training loss of
+    a * (W h) + b over the first `max_batches` group batches of training data.
+
+    The dual formula gives W's direction; its scale is right only at the optimum of the regularised
+    slim problem. After a finite number of Adam steps the slim model is not there and W h can be off
+    by orders of magnitude, which softmax-type losses (and a fine-tune's first steps) punish. At the
+    optimum the search returns about 1. Every rank of the group evaluates the same candidates (the
+    loss all-reduces over the group); sums over data-parallel replicas are all-reduced at the end, so
+    every rank of the world returns the same factor. Collective over the world."""
+    factors = torch.tensor([2.0**e for e in range(-20, 9)], dtype=torch.float64)
+    # summed losses, then the sample count; on the device of the collectives
+    totals = torch.zeros(len(factors) + 1, dtype=torch.float64, device=dense.weight.device)
+    bias = dense.bias if dense.bias is not None else 0.0
+    with torch.no_grad():
+        for i, (h, indptr, indices, valid) in enumerate(batches):
+            if i == max_batches:
+                break
+            wh = torch.nn.functional.linear(h, dense.weight)
+            n = valid.sum()
+            for j, a in enumerate(factors.tolist()):
+                loss = distributed_loss(loss_kind, wh * a + bias, indptr, indices, label_range, valid, group)
+                totals[j] += loss.double() * n
+            totals[-1] += n
+    if group is not None:  # each model-parallel group saw its own batches: sum over the whole world
+        totals /= dist.get_world_size(group)
+    dist.all_reduce(totals)
+    return float(factors[int(torch.argmin(totals[:-1]))])

@@ -1,11 +1,24 @@
 """Builds and loads the C++/CUDA extension behind `torch.ops.xmc.*`, once per process.
 
-Compiled with torch.utils.cpp_extension (ninja) on first use and cached under
-`$XMC_EXTENSIONS_DIR` (default `~/.cache/xmc-pipeline/torch_extensions`) in a folder keyed by a hash of
+Compiled with torch.utils.cpp_extension (ninja) on first use and cached in a folder keyed by a hash of
 the sources, flags, torch version and CUDA arch, so edits rebuild and a cache copied to another
 machine is never reused for the wrong build. No -march=native: the innermost CPU loops carry their
 own AVX-512 / AVX2 / baseline clones. With a visible GPU and `csrc/ffi_cuda.cu` present, the CUDA
-kernels are compiled in too (`-DXMC_WITH_CUDA`); `XMC_FFI_CUDA=0` forces a CPU-only build.
+kernels are compiled in too (`-DXMC_WITH_CUDA`).
+
+Environment variables of the extension, all optional (this is the one list of them):
+
+    XMC_EXTENSIONS_DIR     build cache (default ~/.cache/xmc-pipeline/torch_extensions)
+    XMC_BUILD_VERBOSE=1    show the compiler's output
+    XMC_FFI_CUDA=0         build without the CUDA kernels even where a GPU is visible
+    XMC_FFI_DX             CUDA FFI backward for dx: atomic (default; float4 reductions into an
+                           L2-resident float32 accumulator) or csc (counting sort by input, no atomics)
+    XMC_FFI_FUSED          CUDA FFI backward: auto (default; dx and dW in one pass for float32 only),
+                           1 (fused for float32 and bfloat16), 0 (never fused)
+    XMC_FFI_L2_BUDGET_MB   CUDA: bytes of one batch tile kept L2-resident (default 45% of the card's L2)
+
+The XMC_FFI_* kernel knobs are read on every call, so a process can switch between calls (the
+benchmarks and the GPU check compare the variants); the defaults are the measured best.
 """
 
 from __future__ import annotations

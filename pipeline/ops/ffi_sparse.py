@@ -15,9 +15,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from pipeline.ops.build import load_ops
+from pipeline.parallel.block_init import block_rows, uniform
+from pipeline.parallel.label_range import LabelRange
 
 _ELEMENT_BUDGET = 1 << 22  # elements of scratch per chunk of rows when drawing indices
-INIT_BLOCK = 4096  # rows per independently seeded block of a seeded layer's initial state
+INIT_STREAM = 3  # block_init stream of a seeded layer's initial rows
 
 
 class _FixedFanInFunction(torch.autograd.Function):
@@ -138,27 +140,20 @@ def _initial_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices, values, bias of rows [first_row, first_row + rows) of a seeded layer.
 
-    Seeded layers draw in blocks of INIT_BLOCK rows, block b from a generator seeded with (seed, b), so a
-    row's initial state does not depend on how the outputs are split into shards.
+    Seeded layers draw per block of rows (`pipeline.parallel.block_init`), so a row's initial state does
+    not depend on how the outputs are split into shards.
     """
     bound = 1.0 / math.sqrt(fan_in)
     if seed is None:
         indices = draw_fan_in_indices(rows, in_features, fan_in)
         values = torch.rand(rows, fan_in) * (2 * bound) - bound
         return indices, values, torch.rand(rows) * (2 * bound) - bound
-    parts = []
-    stop = first_row + rows
-    for block in range(first_row // INIT_BLOCK, -(-stop // INIT_BLOCK)):
-        g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + block) % (1 << 63))
-        lo = block * INIT_BLOCK
-        a, b = max(first_row, lo) - lo, min(stop, lo + INIT_BLOCK) - lo
-        indices = draw_fan_in_indices(INIT_BLOCK, in_features, fan_in, g)
-        values = torch.rand(INIT_BLOCK, fan_in, generator=g) * (2 * bound) - bound
-        bias = torch.rand(INIT_BLOCK, generator=g) * (2 * bound) - bound
-        parts.append((indices[a:b], values[a:b], bias[a:b]))
-    if not parts:
-        return torch.empty(0, fan_in, dtype=torch.int64), torch.empty(0, fan_in), torch.empty(0)
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+    def draw(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        indices = draw_fan_in_indices(n, in_features, fan_in, gen)
+        return indices, uniform(gen, (n, fan_in), bound), uniform(gen, (n,), bound)
+
+    return block_rows(LabelRange(first_row, first_row + rows, first_row + rows), seed, INIT_STREAM, draw)
 
 
 class FixedFanInSparse(nn.Module):

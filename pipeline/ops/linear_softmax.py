@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from pipeline.ops.build import load_ops
 from pipeline.parallel.label_range import LabelRange
-from pipeline.parallel.losses import LossKind, _all_reduce, _rows_sum, distributed_loss, softmax_targets
+from pipeline.parallel.losses import softmax_normaliser, softmax_targets
 
 CHUNK = 1024  # labels per chunk: an [N=256, 1024] float32 block is 1 MiB, inside a core's L2
 
@@ -32,16 +31,20 @@ class _LinearSoftmaxCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, bias, rows, cols, count, sample_weight, group, chunk):
         exps, chunk_max, chunk_sum = torch.ops.xmc.linear_softmax_forward(x, weight, bias, chunk)
         n = x.shape[0]
-        m = chunk_max.amax(1) if chunk_max.shape[1] else x.new_full((n,), -torch.inf)
-        m = _all_reduce(m, group, dist.ReduceOp.MAX)
-        rescale = torch.exp(chunk_max - m[:, None])  # each chunk's sums against the global row maxima
+        local_max = chunk_max.amax(1) if chunk_max.shape[1] else x.new_full((n,), -torch.inf)
+        rescaled = []
+
+        def local_sum_exp(m: torch.Tensor) -> torch.Tensor:
+            rescaled.append(torch.exp(chunk_max - m[:, None]))  # each chunk's sums against the maxima m
+            return (chunk_sum * rescaled[0]).sum(1)
+
         z_target = (x[rows] * weight[cols]).sum(1) + (bias[cols] if bias is not None else 0)
-        target = _rows_sum(z_target - m[rows], rows, n)
-        sum_exp, target_sum = _all_reduce(torch.stack([(chunk_sum * rescale).sum(1), target]), group)
-        per_sample = torch.where(sample_weight > 0, sum_exp.log() - target_sum / count, 0)
+        loss, sum_exp = softmax_normaliser(
+            local_sum_exp, local_max, z_target, rows, count, sample_weight, group
+        )
         ctx.exps, ctx.chunk, ctx.with_bias = exps, chunk, bias is not None
-        ctx.save_for_backward(x, weight, rows, cols, count, sample_weight, rescale, sum_exp)
-        return (per_sample * sample_weight).sum()
+        ctx.save_for_backward(x, weight, rows, cols, count, sample_weight, rescaled[0], sum_exp)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
@@ -84,22 +87,3 @@ def linear_softmax_loss(
     load_ops()
     targets = softmax_targets(label_indptr, label_indices, label_range, valid, x.device)
     return _LinearSoftmaxCrossEntropy.apply(x.to(weight.dtype), weight, bias, *targets, group, chunk)
-
-
-def head_loss(
-    head: nn.Module,
-    embeddings: torch.Tensor,
-    kind: LossKind,
-    label_indptr: torch.Tensor,
-    label_indices: torch.Tensor,
-    label_range: LabelRange,
-    valid: torch.Tensor,
-    group: dist.ProcessGroup | None,
-) -> torch.Tensor:
-    """The loss of a head on the gathered embeddings: fused for a softmax over a linear head on CPU
-    (heads with `linear_input`), `distributed_loss` over the head's logits otherwise."""
-    linear = getattr(head, "linear_input", None)
-    if kind == "softmax" and linear is not None and head.weight.device.type == "cpu":
-        args = (label_indptr, label_indices, label_range, valid, group)
-        return linear_softmax_loss(linear(embeddings), head.weight, head.bias, *args)
-    return distributed_loss(kind, head(embeddings), label_indptr, label_indices, label_range, valid, group)

@@ -73,15 +73,42 @@ def target_pairs(
     return rows[mine], labels[mine] - label_range.start, count
 
 
-def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce_in_group(
+    t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM
+) -> torch.Tensor:
+    """In-place all-reduce of t over the model-parallel group (a no-op for a group of one); returns t."""
     if group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
 
 
-def _rows_sum(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+def rows_sum(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     """Sum of values per row id, [n]."""
     return values.new_zeros(n).index_add_(0, rows, values)
+
+
+def softmax_normaliser(
+    local_sum_exp: Callable[[torch.Tensor], torch.Tensor],
+    local_max: torch.Tensor,
+    target_logits: torch.Tensor,
+    rows: torch.Tensor,
+    count: torch.Tensor,
+    weight: torch.Tensor,
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vocab-parallel softmax cross-entropy from each rank's partial sums, shared by the fused
+    and unfused paths: one max all-reduce of the row maxima local_max [N], then one all-reduce of
+    [sum over local labels of exp(z - m), sum over local targets of (z_l - m)] per sample.
+
+    local_sum_exp(m) returns this rank's sum of exp(z - m) per row [N] against the global maxima m;
+    target_logits are z at the local target pairs (rows). Returns (weighted loss, the global
+    sums of exponentials [N])."""
+    n = local_max.shape[0]
+    m = all_reduce_in_group(local_max, group, dist.ReduceOp.MAX)
+    target = rows_sum(target_logits - m[rows], rows, n)
+    sum_exp, target_sum = all_reduce_in_group(torch.stack([local_sum_exp(m), target]), group)
+    per_sample = torch.where(weight > 0, sum_exp.log() - target_sum / count, 0)
+    return (per_sample * weight).sum(), sum_exp
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -89,7 +116,7 @@ class _SumOverGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, partial: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-        return _all_reduce(partial.clone(), group)
+        return all_reduce_in_group(partial.clone(), group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -105,17 +132,20 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, rows, cols, count, weight, group):
         n = z.shape[0]
-        m = z.amax(dim=1) if z.shape[1] else z.new_full((n,), -torch.inf)
-        m = _all_reduce(m, group, dist.ReduceOp.MAX)
-        exp = torch.sub(z, m[:, None]).exp_()  # the one [N, C_local] buffer, the gradient in the backward
-        # One all-reduce of [sum exp(z - m), sum_{l in y} (z_l - m)] per sample.
-        target = _rows_sum(z[rows, cols] - m[rows], rows, n)
-        sum_exp, target_sum = _all_reduce(torch.stack([exp.sum(1), target]), group)
-        per_sample = torch.where(weight > 0, sum_exp.log() - target_sum / count, 0)
+        local_max = z.amax(dim=1) if z.shape[1] else z.new_full((n,), -torch.inf)
+        buffers = []
+
+        def local_sum_exp(m: torch.Tensor) -> torch.Tensor:
+            buffers.append(torch.sub(z, m[:, None]).exp_())  # the one [N, C_local] buffer
+            return buffers[0].sum(1)
+
+        loss, sum_exp = softmax_normaliser(
+            local_sum_exp, local_max, z[rows, cols], rows, count, weight, group
+        )
         # Kept on ctx, not saved: the backward overwrites it with the gradient.
-        ctx.exp = exp
+        ctx.exp = buffers[0]
         ctx.save_for_backward(rows, cols, count, weight, sum_exp)
-        return (per_sample * weight).sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,7 +167,7 @@ class _SparseTargetLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, rows, cols, weight, kind):
         terms = _TERMS[kind]
-        per_row = terms.dense(z).sum(1) + _rows_sum(terms.target_fix(z[rows, cols]), rows, z.shape[0])
+        per_row = terms.dense(z).sum(1) + rows_sum(terms.target_fix(z[rows, cols]), rows, z.shape[0])
         ctx.terms = terms
         ctx.save_for_backward(z, rows, cols, weight)
         return (per_row * weight).sum()

@@ -5,6 +5,12 @@ range, so the forward pass all-gathers the embeddings. Each rank's logits then d
 embeddings: the gradient of rank r's embeddings is the sum, over the group, of the gradient rows that
 belong to r (a reduce-scatter). Parameters replicated across the group (e.g. the FFI head's
 intermediate layer) likewise only see their local labels' share of the gradient and are summed.
+
+Gradient scale in training: the group loss is a mean over the group's samples, and every rank of the
+group computes the same loss. DeepSpeed averages the backbone's gradient over all dp x mp ranks, so
+also over the mp ranks that computed the same group loss, which would shrink it by 1/mp. Training
+therefore gathers with grad_scale = mp, which multiplies the embeddings' gradient by mp on the way
+back and undoes exactly that.
 """
 
 from __future__ import annotations
@@ -43,13 +49,33 @@ class _GatherEmbeddings(torch.autograd.Function):
         return own, None
 
 
-def gather_embeddings(h: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by `scale` on the way back."""
+    return x if scale == 1 else _ScaleGrad.apply(x, scale)
+
+
+def gather_embeddings(
+    h: torch.Tensor, group: dist.ProcessGroup | None, grad_scale: float = 1.0
+) -> torch.Tensor:
     """Embeddings [n, d] of this rank -> [size * n, d] of the whole group, in group-rank order.
 
     Every rank of the group must pass the same n (pad the last batch and mask the padding out of the
-    loss with `valid`). The backward returns each rank exactly the summed gradient of its own rows.
-    group None or of size one: identity.
+    loss with `valid`). The backward returns each rank exactly the summed gradient of its own rows,
+    times `grad_scale` (training under DeepSpeed passes the group size, see the module docstring).
+    group None or of size one: identity (and the scale).
     """
+    h = scale_grad(h, grad_scale)
     if group_size(group) == 1:
         return h
     return _GatherEmbeddings.apply(h, group)

@@ -1,17 +1,19 @@
-"""Checkpoints that are either complete or absent.
+"""Checkpoints that are either complete or absent: the one module that knows their layout.
 
 Layout of one checkpoint, `<output_dir>/checkpoints/step00000100/`:
     backbone/            DeepSpeed's own checkpoint of the backbone engine (tag `backbone`)
-    backbone.pt          the backbone's full weights (rank 0), so predict can run at any world size
-    head/rank00003.pt    one per rank: its head shard, head optimizer, gradient-exchange residuals,
-                         scheduler, RNG states and data position
-    meta.json            written last; step, world size, model-parallel size, label count
-Everything is written under `.tmp-step...` and renamed by rank 0 once every rank has finished, so a
-crash or Ctrl-C mid-write leaves the previous checkpoint intact and the torn one invisible. The last
-`keep` checkpoints are kept.
+    backbone.pt          the backbone's full weights (rank 0), so inference runs at any world size
+    head/rank00003.pt    one per rank: its head shard, head optimizer state (by parameter name), RNG
+                         states, and what the trainer adds (scheduler, exchange residuals, data position)
+    meta.json            written last; step, world size, model-parallel size, what the caller adds
+One write path (`write_checkpoint`): everything goes under `.tmp-step...`, `meta.json` last, and rank 0
+renames the folder once every rank has finished, so a crash or Ctrl-C mid-write leaves the previous
+checkpoint intact and the torn one invisible; the newest `keep` are kept. One read path: `read_meta`,
+`load_rank_state` (this rank's shard, or one re-cut from another split's shards) for resuming, and
+`load_for_inference` (full backbone + this rank's head) for predict, recovery and export.
 
-Resuming with another model-parallel size (same world size) reshards the head: the label-sharded
-tensors of the old shards (and their Adam moments) are concatenated and cut to the new label range.
+Resuming with another model-parallel size reshards the head: the label-sharded tensors of the old
+shards (and their Adam moments) are concatenated and cut to the new label range.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +32,57 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.models.build import sharded_state_keys
+from pipeline.config import RunConfig, load_config
+from pipeline.data import Manifest, read_manifest
+from pipeline.models.build import build_backbone, build_head, sharded_state_keys
 from pipeline.parallel.grid import ProcessGrid
-from pipeline.parallel.label_range import LabelRange
+from pipeline.parallel.label_range import LabelRange, split_labels
+
+BackboneWriter = Callable[[Path], None]
+"""Writes `backbone/` and `backbone.pt` into a checkpoint folder; called on every rank (may be a
+collective)."""
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from here (missing, or another world size)."""
+    """A checkpoint that cannot be used here (missing, incomplete, or written for another model)."""
+
+
+# ----- where checkpoints are ----------------------------------------------------------------------
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _complete(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step*") if (p / "meta.json").is_file())
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under root (one with meta.json), or None."""
-    done = sorted(p for p in root.glob("step*") if (p / "meta.json").is_file())
+    done = _complete(root)
     return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint folder, run folder) from either of them; the run folder holds `config.json`."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path, path.parent.parent
+    found = latest_checkpoint(checkpoint_root(path))
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint under {path}")
+    return found, path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
+    return json.loads(meta_file.read_text())
+
+
+# ----- RNG ----------------------------------------------------------------------------------------
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,10 +95,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _optimizer_by_name(head: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
-    """Optimizer state keyed by parameter name, so it survives resharding."""
-    names = {id(p): n for n, p in head.named_parameters()}
-    return {names[id(p)]: dict(s) for p, s in optimizer.state.items()}
+# ----- writing ------------------------------------------------------------------------------------
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -69,41 +104,60 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _backbone_weights(engine) -> dict[str, torch.Tensor] | None:
-    """Full backbone weights on rank 0 (a collective under ZeRO-3, where parameters are partitioned)."""
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict() if dist.get_rank() == 0 else None
+def head_shard(head: nn.Module, optimizer: torch.optim.Optimizer | None, **extra: Any) -> dict[str, Any]:
+    """This rank's head file: the head's state, its optimizer state keyed by parameter name (so it
+    survives resharding), this process's RNG states, and `extra`."""
+    names = {id(p): n for n, p in head.named_parameters()}
+    by_name = {} if optimizer is None else {names[id(p)]: dict(s) for p, s in optimizer.state.items()}
+    return {"head": head.state_dict(), "optimizer": by_name, "rng": rng_state(), **extra}
 
 
-def save_checkpoint(
+def engine_backbone(engine) -> BackboneWriter:
+    """The backbone of a DeepSpeed engine: its own checkpoint, and the full weights on rank 0 (a
+    collective under ZeRO-3, where parameters are partitioned)."""
+
+    def write(folder: Path) -> None:
+        engine.save_checkpoint(str(folder / "backbone"), tag="backbone", save_latest=False)
+        if engine.zero_optimization_stage() == 3:
+            weights = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            weights = engine.module.state_dict() if dist.get_rank() == 0 else None
+        if dist.get_rank() == 0:
+            _atomic_save(weights, folder / "backbone.pt")
+
+    return write
+
+
+def copied_backbone(source: Path) -> BackboneWriter:
+    """The backbone of another checkpoint, copied as it is (rank 0)."""
+
+    def write(folder: Path) -> None:
+        if dist.get_rank() == 0:
+            shutil.copytree(source / "backbone", folder / "backbone")
+            shutil.copy2(source / "backbone.pt", folder / "backbone.pt")
+
+    return write
+
+
+def write_checkpoint(
     root: Path,
     step: int,
-    engine,
-    head: nn.Module,
-    head_optimizer: torch.optim.Optimizer,
-    rank_state: dict[str, Any],
-    meta: dict[str, Any],
     grid: ProcessGrid,
-    keep: int,
+    backbone: BackboneWriter,
+    shard: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int | None = None,
 ) -> Path:
-    """Write checkpoint `step` on every rank (collective); returns its final path."""
+    """Write checkpoint `step` under `root` on every rank (collective): the backbone, this rank's
+    `shard` (see `head_shard`), then meta.json (`meta` plus step and grid sizes), then the rename.
+    Keeps the newest `keep` complete checkpoints (all when None). Returns the final path."""
     final = root / f"step{step:08d}"
     tmp = root / f".tmp-step{step:08d}"
     if grid.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "head").mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "backbone"), tag="backbone", save_latest=False)
-    weights = _backbone_weights(engine)
-    if grid.rank == 0:
-        _atomic_save(weights, tmp / "backbone.pt")
-    shard = {
-        "head": head.state_dict(),
-        "optimizer": _optimizer_by_name(head, head_optimizer),
-        "rng": rng_state(),
-        **rank_state,
-    }
+    backbone(tmp)
     _atomic_save(shard, tmp / "head" / f"rank{grid.rank:05d}.pt")
     dist.barrier()
     if grid.rank == 0:
@@ -112,32 +166,24 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        done = sorted(p for p in root.glob("step*") if (p / "meta.json").is_file())
-        for old in done[:-keep]:
+        for old in _complete(root)[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
-    return json.loads(meta_file.read_text())
+# ----- reading ------------------------------------------------------------------------------------
 
 
-def load_head_shards(path: Path, old_mp: int) -> list[dict[str, Any]]:
-    """The head shards of model-parallel group 0 of the writer (ranks 0 .. old_mp-1), in label order."""
-    return [
-        torch.load(path / "head" / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)
-        for r in range(old_mp)
-    ]
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def reshard_head_state(
     shards: list[dict[str, Any]], head: nn.Module, label_range: LabelRange
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Head state_dict and by-name optimizer state for `label_range`, cut from another split's shards."""
+    """Head state_dict and by-name optimizer state for `label_range`, cut from another split's shards
+    (those of one model-parallel group, in label order)."""
     sharded = sharded_state_keys(head, label_range.size)
     cut = slice(label_range.start, label_range.stop)
     state = {}
@@ -154,14 +200,68 @@ def reshard_head_state(
     return state, optimizer
 
 
-def restore_head(
-    head: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, torch.Tensor],
-    by_name: dict[str, dict[str, Any]],
-) -> None:
-    head.load_state_dict(state)
+def load_rank_state(path: Path, grid: ProcessGrid, head: nn.Module) -> dict[str, Any]:
+    """This rank's head file for `head` (built for this rank's label range).
+
+    Written by the same grid: this rank's own file, with `own` True. Written by another split: the
+    shards of the writer's model-parallel group 0 re-cut to `head.label_range` (head and optimizer
+    state), the other entries taken from the writer's rank 0, and `own` False: per-rank entries (RNG
+    states, residuals) are then not this rank's."""
+    meta = read_meta(path)
+    if meta["world_size"] == grid.world_size and meta["model_parallel"] == grid.mp:
+        return {**_load(path / "head" / f"rank{grid.rank:05d}.pt"), "own": True}
+    shards = [_load(path / "head" / f"rank{r:05d}.pt") for r in range(meta["model_parallel"])]
+    state, optimizer = reshard_head_state(shards, head, head.label_range)
+    return {**shards[0], "head": state, "optimizer": optimizer, "own": False}
+
+
+def restore_head(head: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+    """Load `load_rank_state`'s head and optimizer entries into `head` and `optimizer`."""
+    head.load_state_dict(state["head"])
+    if optimizer is None:
+        return
     params = dict(head.named_parameters())
-    for name, entry in by_name.items():
+    for name, entry in state["optimizer"].items():
         p = params[name]
         optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in entry.items()}
+
+
+def load_backbone_engine(engine, path: Path) -> None:
+    """The DeepSpeed checkpoint of the backbone (parameters, optimizer, scheduler) into `engine`."""
+    engine.load_checkpoint(str(path / "backbone"), tag="backbone")
+
+
+@dataclass
+class InferenceModel:
+    """A trained model for this rank: the full backbone and the head for its label range."""
+
+    config: RunConfig
+    meta: dict[str, Any]
+    manifest: Manifest  # of the training set: feature space, label frequencies
+    backbone: nn.Module
+    head: nn.Module
+    label_range: LabelRange
+    checkpoint: Path
+    shard: dict[str, Any]
+
+
+def load_for_inference(
+    path: str | Path, grid: ProcessGrid, device: torch.device | str = "cpu"
+) -> InferenceModel:
+    """The model of a run folder's newest checkpoint (or of one checkpoint folder) for `grid`, at any
+    world size: every rank gets the full backbone and the head cut to its model-parallel label range,
+    both on `device` in eval mode."""
+    checkpoint, run_dir = resolve_checkpoint(path)
+    config = load_config(run_dir / "config.json")
+    meta = read_meta(checkpoint)
+    manifest = read_manifest(config.data.train)
+    label_range = split_labels(meta["num_labels"], grid.mp, grid.mp_rank)
+    backbone = build_backbone(config.model, manifest.feature_kind, manifest.num_features)
+    weights = torch.load(checkpoint / "backbone.pt", map_location="cpu", weights_only=True)
+    backbone.load_state_dict(weights)
+    head = build_head(config.model, label_range, seed=config.train.seed)
+    shard = load_rank_state(checkpoint, grid, head)
+    restore_head(head, None, shard)
+    backbone.to(device).eval()
+    head.to(device).eval()
+    return InferenceModel(config, meta, manifest, backbone, head, label_range, checkpoint, shard)

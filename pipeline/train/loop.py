@@ -11,16 +11,15 @@ One step on one rank:
      head gradient is averaged over the data-parallel replicas through Horovod (with compression);
   5. both optimizers step on the same schedule.
 
-Gradient scale: the group loss is a mean over the group's samples; DeepSpeed averages the backbone
-gradient over all dp x mp ranks, i.e. also over the mp ranks that computed the same group loss, which
-would shrink it by 1/mp. `scale_grad` multiplies the embeddings' gradient by mp to undo exactly that.
+The embeddings' gradient is scaled by mp on its way back through the gather (see
+`pipeline.parallel.model_parallel`): DeepSpeed averages over all ranks, also over the mp ranks that
+computed the same group loss. What differs between heads (parameters, weight decay, rewiring) is the
+head's own business (`pipeline.models.heads.base.Head`); the trainer names no head.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,39 +34,24 @@ from tqdm import tqdm
 from pipeline.config import RunConfig
 from pipeline.data import make_loader, read_manifest
 from pipeline.models.build import build_backbone, build_head
-from pipeline.ops.linear_softmax import head_loss
+from pipeline.models.group_batch import GroupBatch, group_batch
+from pipeline.models.heads.loss import head_loss
 from pipeline.parallel.distributed import collective_device
-from pipeline.parallel.gather_labels import gather_labels
 from pipeline.parallel.gradient_exchange import GradientExchange
 from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.horovod import dp_process_set
 from pipeline.parallel.label_range import LabelRange, split_labels
-from pipeline.parallel.model_parallel import gather_embeddings, sum_replicated_grads
+from pipeline.parallel.model_parallel import sum_replicated_grads
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.allocator import keep_freed_memory
-from pipeline.train.evaluate import embed, evaluate, padded_labels, popularity
+from pipeline.train.evaluate import evaluate, popularity
+from pipeline.train.faults import FaultInjector
 from pipeline.train.logbook import Logbook
 from pipeline.train.metrics import XMCMetrics
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
-
-
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by `scale` on the way back."""
-    return x if scale == 1 else _ScaleGrad.apply(x, scale)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -90,9 +74,6 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
-_injected_nans = 0
-
-
 def backbone_optimizer(backbone: nn.Module, ds_config: dict[str, Any], lr: float) -> torch.optim.Optimizer:
     """Adam for the backbone; DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed refuses
     a plain torch optimizer there: it would run the offloaded step slowly)."""
@@ -102,25 +83,6 @@ def backbone_optimizer(backbone: nn.Module, ds_config: dict[str, Any], lr: float
 
         return DeepSpeedCPUAdam(backbone.parameters(), lr=lr)
     return torch.optim.Adam(backbone.parameters(), lr=lr)
-
-
-def fault_point(rank: int, step: int) -> str | None:
-    """Fault injection for the failure tests: XMC_FAULT_RANK, XMC_FAULT_KIND (raise, kill, nan) and
-    XMC_FAULT_STEP (first step affected); for nan, XMC_FAULT_COUNT losses in a row are made NaN."""
-    global _injected_nans
-    if os.environ.get("XMC_FAULT_RANK") != str(rank) or "XMC_FAULT_STEP" not in os.environ:
-        return None
-    if step < int(os.environ["XMC_FAULT_STEP"]):
-        return None
-    kind = os.environ.get("XMC_FAULT_KIND", "raise")
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "raise":
-        raise RuntimeError(f"injected fault at step {step} (XMC_FAULT_RANK)")
-    if _injected_nans < int(os.environ.get("XMC_FAULT_COUNT", "1")):
-        _injected_nans += 1
-        return kind
-    return None
 
 
 @dataclass
@@ -135,10 +97,11 @@ class Position:
 class Trainer:
     """Builds the model for this rank of the grid and runs training, evaluation and checkpoints."""
 
-    def __init__(self, config: RunConfig, grid: ProcessGrid) -> None:
+    def __init__(self, config: RunConfig, grid: ProcessGrid, faults: FaultInjector | None = None) -> None:
         import deepspeed
 
         self.config, self.grid = config, grid
+        self.faults = faults or FaultInjector()
         self.out = Path(config.train.output_dir)
         self.train_manifest = read_manifest(config.data.train)
         read_manifest(config.data.test)  # fail now, not after training, if the test set is missing
@@ -162,17 +125,14 @@ class Trainer:
             lr_scheduler=torch.optim.lr_scheduler.LambdaLR(backbone_opt, schedule),
             config=ds_config,
         )
-        self.dtype = next(self.engine.module.parameters()).dtype
         # The head, the labels and every reduced number live where this rank's collectives run: its
         # GPU under nccl (next to the DeepSpeed backbone), else the CPU.
         self.device = collective_device()
         self.head.to(self.device)
-        # The RP head trains with the L2 penalty its dual recovery assumes (Adam's coupled weight decay
-        # adds lambda * w to the gradient: the gradient of (lambda/2)||w||^2). Fused: one pass over each
-        # (C_local x ...) tensor instead of several, which matters at 10^6 labels.
-        decay = config.model.rp.recovery_lambda if config.model.head == "rp" else 0.0
+        # Fused Adam: one pass over each (C_local x ...) tensor instead of several, which matters at
+        # 10^6 labels. Its coupled weight decay adds lambda * w to the gradient (of (lambda/2)||w||^2).
         self.head_optimizer = torch.optim.Adam(
-            self.head.parameters(), lr=config.train.lr, weight_decay=decay, fused=True
+            self.head.parameters(), lr=config.train.lr, weight_decay=self.head.weight_decay(), fused=True
         )
         self.head_scheduler = torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, schedule)
         p = config.parallel
@@ -216,19 +176,16 @@ class Trainer:
 
     # ----- model ----------------------------------------------------------------------------------
 
-    def head_loss(self, h: torch.Tensor, micro: int, indptr, indices, valid) -> torch.Tensor:
-        """The loss over the group's gathered embeddings and labels (`head_loss`: a softmax over a
-        linear head is fused). Dropout inside the head draws from a seed shared by the model-parallel
-        group, so its replicated layers see the same masks everywhere."""
+    def group_loss(self, group: GroupBatch, micro: int) -> torch.Tensor:
+        """The head's loss over the group's gathered batch (`head_loss`: a softmax over a linear head
+        is fused). Dropout inside the head draws from a seed shared by the model-parallel group, so its
+        replicated layers see the same masks everywhere."""
         g = self.grid
-        h_all = gather_embeddings(scale_grad(h, g.mp), g.mp_group)
         gpus = [self.device.index] if self.device.type == "cuda" else []  # dropout there draws from its RNG
         with torch.random.fork_rng(devices=gpus):
             seed = hash((self.config.train.seed, self.position.step, micro, g.dp_rank)) & 0xFFFFFFFF
             torch.manual_seed(seed)
-            return head_loss(
-                self.head, h_all, self.config.model.loss, indptr, indices, self.label_range, valid, g.mp_group
-            )
+            return head_loss(self.head, group, self.config.model.loss, self.label_range, g.mp_group)
 
     # ----- one step -------------------------------------------------------------------------------
 
@@ -240,12 +197,9 @@ class Trainer:
         g, losses = self.grid, []
         gas = self.engine.gradient_accumulation_steps()
         for micro in range(gas):
-            batch = next(batches)
-            h = embed(self.engine, batch, self.config.data.batch_size, self.dtype)
-            labels = (t.to(self.device) for t in padded_labels(batch, self.config.data.batch_size))
-            indptr, indices, valid = gather_labels(*labels, g.mp_group)
-            loss = self.head_loss(h, micro, indptr, indices, valid)
-            if fault_point(g.rank, self.position.step) == "nan":
+            group = group_batch(self.engine, next(batches), g, self.config.data.batch_size, grad_scale=g.mp)
+            loss = self.group_loss(group, micro)
+            if self.faults.at_step(self.position.step):
                 loss = loss * float("nan")
             flag = torch.isfinite(loss).logical_not().float().view(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together, or none does
@@ -266,13 +220,7 @@ class Trainer:
         self.head_optimizer.zero_grad(set_to_none=True)
         self.position.step += 1
         self.exchange.after_step(self.position.step)
-        ffi = self.config.model.ffi
-        if (
-            self.config.model.head == "ffi"
-            and ffi.rewire_every
-            and self.position.step % ffi.rewire_every == 0
-        ):
-            self.head.rewire(ffi.rewire_fraction, self.rewire_generator, self.head_optimizer)
+        self.head.after_step(self.position.step, self.head_optimizer, self.rewire_generator)
         return sum(losses) / gas, True
 
     # ----- evaluation -----------------------------------------------------------------------------
@@ -302,28 +250,28 @@ class Trainer:
     # ----- checkpoints ----------------------------------------------------------------------------
 
     def save(self) -> Path:
-        rank_state = {
-            "position": vars(self.position).copy(),
-            "scheduler": self.head_scheduler.state_dict(),
-            "residuals": self.exchange.residuals,
-            "rewire_generator": self.rewire_generator.get_state(),
-            "label_range": vars(self.label_range).copy(),
-        }
-        meta = {"num_labels": self.num_labels, "head": self.config.model.head}
-        return ckpt.save_checkpoint(
-            ckpt.checkpoint_root(self.out),
-            self.position.step,
-            self.engine,
+        shard = ckpt.head_shard(
             self.head,
             self.head_optimizer,
-            rank_state,
-            meta,
+            position=vars(self.position).copy(),
+            scheduler=self.head_scheduler.state_dict(),
+            residuals=self.exchange.residuals,
+            rewire_generator=self.rewire_generator.get_state(),
+            label_range=vars(self.label_range).copy(),
+        )
+        return ckpt.write_checkpoint(
+            ckpt.checkpoint_root(self.out),
+            self.position.step,
             self.grid,
-            self.config.train.keep_checkpoints,
+            ckpt.engine_backbone(self.engine),
+            shard,
+            {"num_labels": self.num_labels, "head": self.config.model.head},
+            keep=self.config.train.keep_checkpoints,
         )
 
     def restore(self, path: Path) -> None:
-        """Continue from checkpoint `path`; the head is resharded if the model-parallel size changed."""
+        """Continue from checkpoint `path`: the same world size, any model-parallel size (the head is
+        re-cut; per-rank state such as RNG streams and exchange residuals is then started afresh)."""
         meta = ckpt.read_meta(path)
         if meta["world_size"] != self.grid.world_size:
             raise ckpt.CheckpointError(
@@ -335,21 +283,16 @@ class Trainer:
                 f"{path} holds a {meta['head']} head over {meta['num_labels']} labels, the config asks for "
                 f"a {self.config.model.head} head over {self.num_labels}"
             )
-        self.engine.load_checkpoint(str(path / "backbone"), tag="backbone")
-        if meta["model_parallel"] == self.grid.mp:
-            own = torch.load(path / "head" / f"rank{self.grid.rank:05d}.pt", weights_only=False)
-            ckpt.restore_head(self.head, self.head_optimizer, own["head"], own["optimizer"])
-            ckpt.set_rng_state(own["rng"])
-            for name, residual in own["residuals"].items():  # absent after a head change (recovery)
+        ckpt.load_backbone_engine(self.engine, path)
+        state = ckpt.load_rank_state(path, self.grid, self.head)
+        ckpt.restore_head(self.head, self.head_optimizer, state)
+        if state["own"]:
+            ckpt.set_rng_state(state["rng"])
+            for name, residual in state["residuals"].items():  # absent after a head change (recovery)
                 if name in self.exchange.residuals:
                     self.exchange.residuals[name].copy_(residual)
-            self.rewire_generator.set_state(own["rewire_generator"])
-        else:
-            shards = ckpt.load_head_shards(path, meta["model_parallel"])
-            state, by_name = ckpt.reshard_head_state(shards, self.head, self.label_range)
-            ckpt.restore_head(self.head, self.head_optimizer, state, by_name)
-            own = shards[0]
-        self.head_scheduler.load_state_dict(own["scheduler"])
+            self.rewire_generator.set_state(state["rewire_generator"])
+        self.head_scheduler.load_state_dict(state["scheduler"])
         # a scheduler's state_dict restores its counter, not the optimizer's current learning rate
         for scheduler, optimizer in (
             (self.head_scheduler, self.head_optimizer),
@@ -357,7 +300,7 @@ class Trainer:
         ):
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
-        self.position = Position(**own["position"])
+        self.position = Position(**state["position"])
 
     # ----- the run --------------------------------------------------------------------------------
 

@@ -1,10 +1,8 @@
 """The dense output layer: a linear classifier over this rank's label range.
 
-Initialisation does not depend on the split: labels are grouped in fixed blocks of INIT_BLOCK; block b
-draws its weight rows and then its biases from a generator seeded with (seed, b), and a shard keeps
-the rows of its range. The heads of any model-parallel size hold the same full classifier, so a
-single-process reference and resharding a checkpoint need no extra bookkeeping. The distribution is
-nn.Linear's: uniform(-1/sqrt(in_features), 1/sqrt(in_features)) for weights and biases.
+Initialisation does not depend on the split (`pipeline.parallel.block_init`): the heads of any
+model-parallel size hold the same full classifier. The distribution is nn.Linear's:
+uniform(-1/sqrt(in_features), 1/sqrt(in_features)) for weights and biases.
 """
 
 from __future__ import annotations
@@ -14,13 +12,11 @@ import math
 import torch
 from torch import nn
 
+from pipeline.config import ModelConfig
+from pipeline.parallel.block_init import block_rows, uniform
 from pipeline.parallel.label_range import LabelRange
 
-INIT_BLOCK = 4096
-
-
-def _block_generator(seed: int, block: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * (1 << 24) + block) % (1 << 63))
+INIT_STREAM = 0  # block_init stream of the dense head's weight rows and biases
 
 
 class DenseHead(nn.Module):
@@ -33,22 +29,24 @@ class DenseHead(nn.Module):
         self.bias = nn.Parameter(torch.empty(label_range.size)) if bias else None
         self.reset_parameters()
 
+    @classmethod
+    def from_config(cls, model: ModelConfig, label_range: LabelRange, seed: int) -> DenseHead:
+        return cls(model.embed_dim, label_range, seed=seed)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Fill the local rows from the per-block generators (skipped on the meta device)."""
         if self.weight.is_meta:
             return
         bound = 1 / math.sqrt(self.in_features)
-        start, stop = self.label_range.start, self.label_range.stop
-        for block in range(start // INIT_BLOCK, (stop + INIT_BLOCK - 1) // INIT_BLOCK):
-            gen = _block_generator(self.seed, block)
-            lo = block * INIT_BLOCK
-            weight = torch.empty(INIT_BLOCK, self.in_features).uniform_(-bound, bound, generator=gen)
-            bias = torch.empty(INIT_BLOCK).uniform_(-bound, bound, generator=gen)
-            a, b = max(start, lo), min(stop, lo + INIT_BLOCK)
-            self.weight[a - start : b - start] = weight[a - lo : b - lo]
-            if self.bias is not None:
-                self.bias[a - start : b - start] = bias[a - lo : b - lo]
+
+        def draw(gen: torch.Generator, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return uniform(gen, (rows, self.in_features), bound), uniform(gen, (rows,), bound)
+
+        weight, bias = block_rows(self.label_range, self.seed, INIT_STREAM, draw)
+        self.weight.copy_(weight)
+        if self.bias is not None:
+            self.bias.copy_(bias)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(embeddings, self.weight, self.bias)
@@ -64,3 +62,9 @@ class DenseHead(nn.Module):
     def sharded_parameters(self) -> list[nn.Parameter]:
         """Parameters split by label range: all of them."""
         return list(self.parameters())
+
+    def weight_decay(self) -> float:
+        return 0.0
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+        """Nothing changes between steps."""

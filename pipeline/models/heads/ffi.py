@@ -5,9 +5,10 @@ layer with exactly `fan_in` connections per label keeps the output layer's memor
 number of labels times K instead of labels times H. Under model parallelism the intermediate layer is
 replicated over the group (same initialisation on every rank: it is seeded from `seed` alone, and the
 trainer sums its gradients over the group), while the sparse layer holds only this rank's labels:
-rows [start, stop) of the layer that `seed` gives all labels (blocks of rows seeded from (seed, block),
-see FixedFanInSparse). Ranks differ, a run is reproducible, and any split starts from the same
-classifier as a single process, like the dense head.
+rows [start, stop) of the layer that `seed` gives all labels (`pipeline.parallel.block_init`). Ranks
+differ, a run is reproducible, and any split starts from the same classifier as a single process,
+like the dense head. With `rewire_every` > 0 the sparse layer is rewired after every that many
+optimizer steps (dynamic sparse training, `pipeline.ops.rewiring`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ import math
 import torch
 from torch import nn
 
+from pipeline.config import ModelConfig
 from pipeline.ops.ffi_sparse import FixedFanInSparse
 from pipeline.ops.rewiring import rewire
 from pipeline.parallel.label_range import LabelRange
-
-
-def _mix(seed: int) -> int:
-    """The sparse layer's seed: a stream apart from the intermediate layer's."""
-    return (seed * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 class FFIHead(nn.Module):
@@ -38,15 +35,32 @@ class FFIHead(nn.Module):
         fan_in: int,
         dropout: float = 0.0,
         seed: int = 0,
+        rewire_every: int = 0,
+        rewire_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         self.label_range, self.seed = label_range, seed
+        self.rewire_every, self.rewire_fraction = rewire_every, rewire_fraction
         self.dropout = nn.Dropout(dropout)
         self.intermediate = nn.Linear(in_features, hidden)
         self.sparse = FixedFanInSparse(
-            hidden, label_range.size, fan_in, seed=_mix(seed), first_row=label_range.start
+            hidden, label_range.size, fan_in, seed=seed, first_row=label_range.start
         )
         self._init_intermediate(torch.Generator().manual_seed(seed))
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, label_range: LabelRange, seed: int) -> FFIHead:
+        f = model.ffi
+        return cls(
+            model.embed_dim,
+            label_range,
+            f.hidden,
+            f.fan_in,
+            f.dropout,
+            seed=seed,
+            rewire_every=f.rewire_every,
+            rewire_fraction=f.rewire_fraction,
+        )
 
     @torch.no_grad()
     def _init_intermediate(self, generator: torch.Generator) -> None:
@@ -67,6 +81,14 @@ class FFIHead(nn.Module):
     def sharded_parameters(self) -> list[nn.Parameter]:
         """The sparse layer: this rank's labels only."""
         return list(self.sparse.parameters())
+
+    def weight_decay(self) -> float:
+        return 0.0
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+        """Rewire every `rewire_every` steps."""
+        if self.rewire_every and step % self.rewire_every == 0:
+            self.rewire(self.rewire_fraction, generator, optimizer)
 
     def rewire(
         self,

@@ -17,18 +17,11 @@ import math
 import torch
 from torch import nn
 
+from pipeline.config import ModelConfig
+from pipeline.parallel.block_init import block_rows, mix, uniform
 from pipeline.parallel.label_range import LabelRange
 
-INIT_BLOCK = 4096  # V is initialised per block of this many labels, each block from its own generator
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(seed: int, stream: int) -> int:
-    """A 63-bit generator seed for (seed, stream) (splitmix64 finaliser): distinct streams, no overlap."""
-    x = (seed * 0x9E3779B97F4A7C15 + stream + 1) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+PROJECTION_STREAM, SLIM_STREAM = 1, 2  # block_init streams of R and of V's initial rows
 
 
 def projection_matrix(in_features: int, dim: int, seed: int) -> torch.Tensor:
@@ -37,24 +30,17 @@ def projection_matrix(in_features: int, dim: int, seed: int) -> torch.Tensor:
     Drawn in float64 on a CPU generator (the float32 CPU sampler takes a vectorised path whose rounding
     depends on the instruction set) and then rounded to float32.
     """
-    gen = torch.Generator(device="cpu").manual_seed(_mix(seed, 0))
+    gen = torch.Generator(device="cpu").manual_seed(mix(seed, PROJECTION_STREAM))
     r = torch.randn(in_features, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
     return r.float()
 
 
 def slim_init(label_range: LabelRange, dim: int, seed: int) -> torch.Tensor:
     """Initial rows of V for label_range: U(-1/sqrt(dim), 1/sqrt(dim)) like nn.Linear, drawn per block
-    of INIT_BLOCK global labels, so any split of the labels yields the same rows."""
+    of global labels (`pipeline.parallel.block_init`), so any split of the labels yields the same rows."""
     bound = 1.0 / math.sqrt(dim)
-    rows = []
-    if label_range.size:
-        for block in range(label_range.start // INIT_BLOCK, (label_range.stop - 1) // INIT_BLOCK + 1):
-            gen = torch.Generator(device="cpu").manual_seed(_mix(seed, 1 + block))
-            values = torch.rand(INIT_BLOCK, dim, generator=gen, dtype=torch.float64) * (2 * bound) - bound
-            lo = max(label_range.start - block * INIT_BLOCK, 0)
-            hi = min(label_range.stop - block * INIT_BLOCK, INIT_BLOCK)
-            rows.append(values[lo:hi])
-    return torch.cat(rows).float() if rows else torch.empty(0, dim)
+    (rows,) = block_rows(label_range, seed, SLIM_STREAM, lambda gen, n: (uniform(gen, (n, dim), bound),))
+    return rows
 
 
 class RPHead(nn.Module):
@@ -66,15 +52,28 @@ class RPHead(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, label_range: LabelRange, dim: int, seed: int, bias: bool = True
+        self,
+        in_features: int,
+        label_range: LabelRange,
+        dim: int,
+        seed: int,
+        bias: bool = True,
+        l2: float = 0.0,
     ) -> None:
         super().__init__()
-        self.in_features, self.dim, self.label_range = in_features, dim, label_range
+        self.in_features, self.dim, self.label_range, self.l2 = in_features, dim, label_range, l2
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("projection", projection_matrix(in_features, dim, seed), persistent=False)
         self._projection_seed = seed
         self.weight = nn.Parameter(slim_init(label_range, dim, seed))
         self.bias = nn.Parameter(torch.zeros(label_range.size)) if bias else None
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, label_range: LabelRange, seed: int) -> RPHead:
+        """The projection and V come from model.rp.seed (not the run's seed); trained with the L2
+        penalty that its dual recovery assumes, model.rp.recovery_lambda."""
+        rp = model.rp
+        return cls(model.embed_dim, label_range, rp.dim, seed=rp.seed, l2=rp.recovery_lambda)
 
     @property
     def R(self) -> torch.Tensor:  # noqa: N802 (the paper's name)
@@ -84,7 +83,7 @@ class RPHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h R first: N*d*k + N*k*C multiply-adds, against d*k*C + N*d*C for h (R V^T). The bias is
         # added in place after the product: on CPU, addmm with a broadcast bias (what F.linear does)
-        # took 3x the time of the plain product at k = 64, C = 200,000 (see launch/bench_rp.py).
+        # took 3x the time of the plain product at k = 64, C = 200,000 (see launch/benchmarks/rp.py).
         logits = self.linear_input(h) @ self.weight.t()
         return logits if self.bias is None else logits.add_(self.bias)
 
@@ -97,6 +96,14 @@ class RPHead(nn.Module):
 
     def sharded_parameters(self) -> list[nn.Parameter]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def weight_decay(self) -> float:
+        """`l2`: Adam's coupled weight decay adds l2 * w to the gradient, the gradient of
+        (l2/2)||w||^2, the penalty of the regularised problem that recovery solves."""
+        return self.l2
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+        """Nothing changes between steps."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

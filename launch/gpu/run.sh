@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The one device run of the FFI CUDA kernels (issue 5): `bash launch/gpu_run.sh` from anywhere.
+# The one device run of the FFI CUDA kernels: `bash launch/gpu/run.sh` from anywhere.
 #
-# Prints the card and toolchain, builds the extension (timed), runs launch/check_cuda.py (correctness,
+# Prints the card and toolchain, builds the extension (timed), runs launch/gpu/check_cuda.py (correctness,
 # the 670K training step, kernel timings at scale for both dx modes), a compute-sanitizer memcheck of
 # a small case, and the `bench.py ffi` suite once per dx mode. Everything is tee'd to
 # $OUT/gpu_log.txt ($OUT defaults to ./gpu_out). Each stage has a time cap so that the whole run stays
 # under 10 minutes (the device's per-command limit) even when every stage hits its cap; about 4
 # minutes expected on an H100; the exit status is 1 if any stage failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_log.txt"
@@ -17,6 +17,7 @@ exec > >(tee -a "$LOG") 2>&1
 
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}  # ninja jobs of the extension build
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's package, not installed there
 PY=${PYTHON:-python3}            # the GPU image's python3 holds torch; `python` may not exist
 status=0
 t_start=$SECONDS
@@ -73,11 +74,11 @@ torch.cuda.synchronize()
 print("CUDA dispatch works:", tuple(y.shape), y.device)
 EOF
 
-stage check_cuda 180 "$PY" launch/check_cuda.py
+stage check_cuda 180 "$PY" launch/gpu/check_cuda.py
 
 # The L2 and HBM streaming bandwidth of this card: the bound of the FFI kernels' gathers and atomics.
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '.')
-stage l2_bandwidth 60 bash -c "nvcc -O3 -arch=sm_${ARCH} launch/l2_bandwidth.cu -o /tmp/l2_bandwidth && /tmp/l2_bandwidth"
+stage l2_bandwidth 60 bash -c "nvcc -O3 -arch=sm_${ARCH} launch/gpu/l2_bandwidth.cu -o /tmp/l2_bandwidth && /tmp/l2_bandwidth"
 
 # Out-of-bounds / misaligned accesses in every kernel, both dx modes, odd shape with several tiles.
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \

@@ -11,14 +11,11 @@ The target is >= 20,000 BoW samples/s per worker so a training step never waits 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.data import SyntheticTask, convert_xmc, make_loader, read_manifest, write_synthetic  # noqa: E402
+from pipeline.data import SyntheticTask, convert_xmc, make_loader, read_manifest, write_synthetic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,9 +28,10 @@ import time
 
 import torch
 
+from pipeline.models.group_batch import GroupBatch
 from pipeline.models.heads.dense import DenseHead
+from pipeline.models.heads.loss import head_loss
 from pipeline.models.heads.rp import RPHead
-from pipeline.ops.linear_softmax import head_loss
 from pipeline.parallel.label_range import split_labels
 from pipeline.parallel.losses import distributed_loss
 from pipeline.train.allocator import keep_freed_memory
@@ -66,10 +67,9 @@ class StepTimer:
 
     def loss(self) -> torch.Tensor:
         h, indptr, indices, valid = self.batch
-        args = (indptr, indices, self.head.label_range, valid, None)
         if self.path == "fused":
-            return head_loss(self.head, h, "softmax", *args)
-        return distributed_loss("softmax", self.head(h), *args)
+            return head_loss(self.head, GroupBatch(*self.batch), "softmax", self.head.label_range, None)
+        return distributed_loss("softmax", self.head(h), indptr, indices, self.head.label_range, valid, None)
 
     def step(self) -> dict[str, float]:
         t0 = time.perf_counter()

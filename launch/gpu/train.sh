@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole pipeline on a lent GPU machine, end to end: `bash launch/gpu_train.sh fetch` here (with the
-# package registries), then `bash launch/gpu_train.sh run` there (no network), carrying .gpu_wheels.
+# The whole pipeline on a GPU machine, end to end: `bash launch/gpu/train.sh fetch` here (with the
+# package registries), then `bash launch/gpu/train.sh run` there (no network), carrying .gpu_wheels.
 #
 # The GPU machines have torch with CUDA and nvcc but neither DeepSpeed, Horovod nor our other
-# dependencies (../shared/DESIGN.md). `fetch` fills .gpu_wheels (git-ignored) with the wheels of
+# dependencies (they have only torch with CUDA). `fetch` fills .gpu_wheels (git-ignored) with the wheels of
 # DeepSpeed (built here: its PyPI release is an sdist) and of our dependencies for the machine's
 # Python (3.12, manylinux x86_64), and the Horovod sdist. grpcio is left out (TensorBoard's writer
 # does not need it) to stay inside the 64 MiB a device call can carry.
@@ -13,7 +13,7 @@
 # runs live under $WORK (default /tmp/xmc_gpu); the log, each run's final_metrics.json and
 # metrics.jsonl, and the Horovod wheel (to carry to a next call) go to $OUT (default ./gpu_out).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 WHEELS=$PWD/.gpu_wheels
 PY=${PYTHON:-python3}
 HOROVOD=0.28.1
@@ -38,6 +38,7 @@ run() {
   mkdir -p "$OUT" "$work"
   exec > >(tee -a "$OUT/gpu_train_log.txt") 2>&1
   local t0=$SECONDS
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's package, not installed there
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   "$PY" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl "$OUT"/horovod-*.whl 2>/dev/null ||
     "$PY" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || return 1
@@ -78,5 +79,5 @@ print(torch.__version__, deepspeed.__version__, horovod.__version__)')"
 case "${1:-}" in
   fetch) fetch ;;
   run) run ;;
-  *) echo "usage: bash launch/gpu_train.sh fetch|run" >&2; exit 2 ;;
+  *) echo "usage: bash launch/gpu/train.sh fetch|run" >&2; exit 2 ;;
 esac

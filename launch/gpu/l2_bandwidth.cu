@@ -1,4 +1,4 @@
-// Streaming bandwidth of the GPU's L2 and HBM, the bound of the FFI kernels (issue 5).
+// Streaming bandwidth of the GPU's L2 and HBM, the bound of the FFI kernels.
 //
 // The FFI forward, dW and dx each move N*C*K elements between the SMs and the L2 (gathers of rows of
 // an L2-resident operand, or float atomics into one): with random fan-in there is no reuse inside an

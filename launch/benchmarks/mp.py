@@ -21,16 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from pipeline.models.heads.dense import DenseHead
+from pipeline.parallel.label_range import LabelRange, split_labels
+from pipeline.parallel.losses import distributed_loss
+from pipeline.parallel.model_parallel import gather_embeddings
 
-from pipeline.models.heads.dense import DenseHead  # noqa: E402
-from pipeline.parallel.label_range import LabelRange, split_labels  # noqa: E402
-from pipeline.parallel.losses import distributed_loss  # noqa: E402
-from pipeline.parallel.model_parallel import gather_embeddings  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
