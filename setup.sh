@@ -18,6 +18,13 @@ if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
   apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
 fi
 
+# The package index with English long descriptions: the real data set of the quality benchmark
+# (launch/make_debian_xmc.py) is built from it. Read from the local lists, never downloaded at run time.
+if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || ! ls /var/lib/apt/lists/*Translation-en* >/dev/null 2>&1; then
+  log "apt-get update (package index with Translation-en)"
+  apt-get update -qq -o Acquire::Languages=en
+fi
+
 # 2. torch first (the CPU file on these machines), pinned so nothing pulls a CUDA build.
 if ! py_ok "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')"; then
   log "pip install torch==$TORCH_VERSION"
