@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.ops import FixedFanInSparse, draw_fan_in_indices, ffi_sparse, load_ops
+from tests.reference import ffi_dense_reference
 
 # (batch N, in_features H, out_features C, fan_in K): K = 1, K = H, odd C, batch 1, batches that are not
 # multiples of the kernels' 16-row blocks, and a batch over 512 rows (several transposed chunks).
@@ -47,17 +48,6 @@ def _problem(n, h, c, k, dtype=torch.float32, seed=0):
     return x, values, indices, bias, dy
 
 
-def _dense_reference(x, values, indices, bias, dy):
-    """Forward, dx, dW, db of y = x @ D^T + b in float64 with D the scattered dense weight."""
-    x, values, bias, dy = (t.double() for t in (x, values, bias, dy))
-    dense = torch.zeros(values.shape[0], x.shape[1], dtype=torch.float64)
-    dense.scatter_(1, indices.long(), values)
-    y = x @ dense.t() + bias
-    dx = dy @ dense
-    d_dense = dy.t() @ x
-    return y, dx, d_dense.gather(1, indices.long()), dy.sum(0)
-
-
 def _close(actual, expected, rel):
     """Relative to the tensor's scale: entries near zero carry the rounding error of their terms."""
     scale = expected.abs().max().item() if expected.numel() else 1.0
@@ -71,7 +61,7 @@ def test_ops_match_dense_float32(shape, threads):
     torch.set_num_threads(threads)
     try:
         x, values, indices, bias, dy = _problem(*shape)
-        y_ref, dx_ref, dw_ref, _ = _dense_reference(x, values, indices, bias, dy)
+        y_ref, dx_ref, dw_ref, _ = ffi_dense_reference(x, values, indices, bias, dy)
         _close(torch.ops.xmc.ffi_forward(x, values, indices, bias), y_ref, 1e-5)
         _close(torch.ops.xmc.ffi_backward_input(dy, values, indices, shape[1]), dx_ref, 1e-5)
         _close(torch.ops.xmc.ffi_backward_weight(dy, x, indices), dw_ref, 1e-5)
@@ -85,7 +75,7 @@ def test_ops_match_dense_float32(shape, threads):
 @pytest.mark.parametrize("shape", ALL_SHAPES, ids=str)
 def test_combined_backward_matches_separate_ops_and_dense(shape, need_input, need_weight):
     x, values, indices, bias, dy = _problem(*shape)
-    _, dx_ref, dw_ref, _ = _dense_reference(x, values, indices, bias, dy)
+    _, dx_ref, dw_ref, _ = ffi_dense_reference(x, values, indices, bias, dy)
     dx, dw = torch.ops.xmc.ffi_backward(dy, x, values, indices, need_input, need_weight)
     assert (dx is None) != need_input and (dw is None) != need_weight, "a gradient not asked for is None"
     if need_input:
@@ -102,7 +92,7 @@ def test_combined_backward_matches_separate_ops_and_dense(shape, need_input, nee
 def test_combined_backward_bfloat16_and_float64(shape):
     for dtype, rel in ((torch.bfloat16, 1e-2), (torch.float64, 1e-12)):
         x, values, indices, bias, dy = _problem(*shape, dtype=dtype)
-        _, dx_ref, dw_ref, _ = _dense_reference(x, values, indices, bias, dy)
+        _, dx_ref, dw_ref, _ = ffi_dense_reference(x, values, indices, bias, dy)
         dx, dw = torch.ops.xmc.ffi_backward(dy, x, values, indices, True, True)
         assert dx.dtype == dw.dtype == dtype
         _close(dx, dx_ref, rel)
@@ -155,14 +145,14 @@ def test_autograd_backward_is_one_combined_call(monkeypatch):
 
 def test_forward_without_bias():
     x, values, indices, bias, dy = _problem(9, 30, 11, 4)
-    y_ref, *_ = _dense_reference(x, values, indices, torch.zeros_like(bias), dy)
+    y_ref, *_ = ffi_dense_reference(x, values, indices, torch.zeros_like(bias), dy)
     _close(torch.ops.xmc.ffi_forward(x, values, indices, None), y_ref, 1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 3, 1), (20, 64, 101, 8), (600, 24, 37, 5), (3, 6, 4, 6)], ids=str)
 def test_ops_bfloat16_within_bf16_tolerance(shape):
     x, values, indices, bias, dy = _problem(*shape, dtype=torch.bfloat16)
-    y_ref, dx_ref, dw_ref, _ = _dense_reference(x, values, indices, bias, dy)
+    y_ref, dx_ref, dw_ref, _ = ffi_dense_reference(x, values, indices, bias, dy)
     y = torch.ops.xmc.ffi_forward(x, values, indices, bias)
     dx = torch.ops.xmc.ffi_backward_input(dy, values, indices, shape[1])
     dw = torch.ops.xmc.ffi_backward_weight(dy, x, indices)
@@ -211,7 +201,7 @@ def test_only_requested_gradients_are_computed():
 
 def test_non_contiguous_inputs():
     x, values, indices, bias, dy = _problem(8, 16, 10, 4)
-    y_ref, dx_ref, dw_ref, _ = _dense_reference(x, values, indices, bias, dy)
+    y_ref, dx_ref, dw_ref, _ = ffi_dense_reference(x, values, indices, bias, dy)
     xt = x.t().contiguous().t()
     assert not xt.is_contiguous()
     _close(torch.ops.xmc.ffi_forward(xt, values, indices, bias), y_ref, 1e-5)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from pipeline.models.group_batch import GroupBatch
 from pipeline.models.heads.dense import DenseHead
+from pipeline.models.heads.loss import head_loss
 from pipeline.models.heads.rp import RPHead
-from pipeline.ops.linear_softmax import head_loss, linear_softmax_loss
+from pipeline.ops.linear_softmax import linear_softmax_loss
 from pipeline.parallel.label_range import split_labels
 from pipeline.parallel.losses import distributed_loss
 from tests.multiproc import run_ranks
-from tests.test_losses import dense_targets
+from tests.reference import linear_softmax_reference
 
 TOL = 1e-5
 
@@ -43,22 +44,6 @@ def make_problem(rows: int, dim: int, num_labels: int, seed: int, bias: bool = T
     valid = torch.rand(rows, generator=g) > 0.25
     valid[:2] = True
     return x, w, b, indptr, indices, valid
-
-
-def reference(x, w, b, indptr, indices, valid):
-    """Loss and gradients (x, w, b) in float64 over all labels."""
-    x, w = x.double().requires_grad_(), w.double().requires_grad_()
-    b = b.double().requires_grad_() if b is not None else None
-    z = x @ w.T + (b if b is not None else 0)
-    known = (indices >= 0) & (indices < w.shape[0])
-    rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1), torch.diff(indptr))
-    per_row = torch.bincount(rows[known], minlength=x.shape[0])
-    sub = torch.cat([torch.zeros(1, dtype=torch.long), per_row.cumsum(0)])
-    y = dense_targets(sub, indices[known], w.shape[0]).double()
-    per = -(y / y.sum(1, keepdim=True).clamp(min=1) * F.log_softmax(z, 1)).sum(1)
-    loss = per[valid].sum() / valid.sum().clamp(min=1)
-    grads = torch.autograd.grad(loss, [x, w] + ([b] if b is not None else []))
-    return loss.detach(), grads
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -85,7 +70,7 @@ def fused(x, w, b, indptr, indices, valid, label_range, group=None, chunk=64):
 )
 def test_matches_reference(rows, dim, labels, chunk, bias):
     problem = make_problem(rows, dim, labels, seed=rows + labels, bias=bias)
-    want, want_grads = reference(*problem)
+    want, want_grads = linear_softmax_reference(*problem)
     got, got_grads = fused(*problem, split_labels(labels, 1, 0), chunk=chunk)
     assert close(got, want), (float(got), float(want))
     for name, g, r in zip(("x", "weight", "bias"), got_grads, want_grads, strict=False):
@@ -96,7 +81,7 @@ def test_large_logits_and_equal_to_unfused_path():
     """Logits of magnitude ~1e3 (an unshifted exp overflows), maxima in the last chunks; the fused op
     and distributed_loss on the materialised logits agree."""
     x, w, b, indptr, indices, valid = make_problem(16, 12, 2500, seed=3, spread=30.0)
-    want, want_grads = reference(x, w, b, indptr, indices, valid)
+    want, want_grads = linear_softmax_reference(x, w, b, indptr, indices, valid)
     got, got_grads = fused(x, w, b, indptr, indices, valid, split_labels(2500, 1, 0), chunk=512)
     assert torch.isfinite(got) and close(got, want)
     assert all(close(g, r) for g, r in zip(got_grads, want_grads, strict=True))
@@ -133,7 +118,7 @@ def test_head_loss_fuses_linear_heads_only_for_softmax():
                 if loss_fn is None:
                     loss = distributed_loss(kind, head(hh), indptr, indices, label_range, valid, None)
                 else:
-                    loss = loss_fn(head, hh, kind, indptr, indices, label_range, valid, None)
+                    loss = loss_fn(head, GroupBatch(hh, indptr, indices, valid), kind, label_range, None)
                 grads = torch.autograd.grad(loss, [hh, *head.parameters()])
                 results.append((loss.detach(), grads))
             (fused_loss, fused_grads), (plain_loss, plain_grads) = results
@@ -154,7 +139,7 @@ def test_rejects_mismatched_shapes():
 def _sharded_worker(rank: int, world: int, labels: int, chunk: int) -> bool:
     problem = make_problem(10, 6, labels, seed=labels, spread=5.0)
     x, w, b, indptr, indices, valid = problem
-    want, (want_x, want_w, want_b) = reference(*problem)
+    want, (want_x, want_w, want_b) = linear_softmax_reference(*problem)
     lr = split_labels(labels, world, rank)
     got, (got_x, got_w, got_b) = fused(
         x, w[lr.start : lr.stop], b[lr.start : lr.stop], indptr, indices, valid, lr, dist.group.WORLD, chunk

@@ -2,9 +2,9 @@
 
 The spawned check feeds each rank its column slice of one logits matrix (with large magnitudes, so a
 naive softmax would overflow and the shards' maxima differ widely) and compares value and gradient
-w.r.t. the local logits with the full-label reference (|a - b| <= 1e-5 + 1e-5 |b|); the value must
-be identical on every rank of the group. The end-to-end check with the heads is in
-test_model_parallel.py.
+w.r.t. the local logits with the full-label reference (tests.reference.reference_loss,
+|a - b| <= 1e-5 + 1e-5 |b|); the value must be identical on every rank of the group. The end-to-end
+check with the heads is in test_model_parallel.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.parallel.grid import build_grid
 from pipeline.parallel.label_range import LabelRange, split_labels
 from pipeline.parallel.losses import LOSS_KINDS, distributed_loss
 from tests.multiproc import run_ranks
+from tests.reference import reference_loss, rel_err
 
 TOL = 1e-5
 
@@ -37,37 +37,13 @@ def make_case(rows: int, num_labels: int, seed: int, scale: float = 30.0):
     return z, indptr, indices, valid
 
 
-def dense_targets(indptr, indices, num_labels: int) -> torch.Tensor:
-    """0/1 targets [N, num_labels], built label by label (independent of the losses' sparse targets)."""
-    y = torch.zeros(indptr.numel() - 1, num_labels)
-    for row in range(indptr.numel() - 1):
-        for label in indices[indptr[row] : indptr[row + 1]].tolist():
-            y[row, label] = 1
-    return y
-
-
-def reference(kind: str, z: torch.Tensor, indptr, indices, valid) -> torch.Tensor:
-    y = dense_targets(indptr, indices, z.shape[1])
-    if kind == "softmax":
-        per = -(y / y.sum(1, keepdim=True).clamp(min=1) * F.log_softmax(z, 1)).sum(1)
-    elif kind == "bce":
-        per = F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(1)
-    else:
-        per = F.relu(1 - (2 * y - 1) * z).square().sum(1)
-    return per[valid].sum() / valid.sum().clamp(min=1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b).abs() / (1 + b.abs())).max()) if a.numel() else 0.0
-
-
 def compare(kind, z, indptr, indices, valid, lr, group) -> tuple[float, float, float]:
     """(loss value, value error, local gradient error) of the distributed loss on z's columns of lr."""
     local = z[:, lr.start : lr.stop].clone().requires_grad_()
     loss = distributed_loss(kind, local, indptr, indices, lr, valid, group)
     loss.backward()
     full = z.clone().requires_grad_()
-    ref = reference(kind, full, indptr, indices, valid)
+    ref = reference_loss(kind, full, indptr, indices, valid)
     ref.backward()
     return (
         loss.item(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.models.heads.dense import DenseHead
 from pipeline.parallel.grid import build_grid
@@ -20,6 +19,7 @@ from pipeline.parallel.label_range import LabelRange, split_labels
 from pipeline.parallel.losses import distributed_loss
 from pipeline.parallel.model_parallel import gather_embeddings, sum_replicated_grads
 from tests.multiproc import run_ranks
+from tests.reference import reference_loss, rel_err
 
 N_PER_RANK, DIM, TOL = 5, 8, 1e-5
 KINDS = ("softmax", "multiclass", "bce", "squared_hinge")
@@ -41,23 +41,6 @@ def make_batch(rows: int, num_labels: int, seed: int, multiclass: bool = False):
 
 def csr_rows(indptr: torch.Tensor, indices: torch.Tensor, a: int, b: int):
     return indptr[a : b + 1] - indptr[a], indices[indptr[a] : indptr[b]]
-
-
-def reference_loss(kind: str, z: torch.Tensor, indptr, indices, valid) -> torch.Tensor:
-    """Plain single-process losses over all labels, mean over valid samples."""
-    y = torch.zeros_like(z)
-    y[torch.repeat_interleave(torch.arange(z.shape[0]), torch.diff(indptr)), indices] = 1
-    if kind in ("softmax", "multiclass"):
-        per = -(y / y.sum(1, keepdim=True).clamp(min=1) * F.log_softmax(z, 1)).sum(1)
-    elif kind == "bce":
-        per = F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(1)
-    else:
-        per = F.relu(1 - (2 * y - 1) * z).square().sum(1)
-    return per[valid].sum() / valid.sum()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b).abs() / (1 + b.abs())).max()) if a.numel() else 0.0
 
 
 def _check_grid(rank: int, world: int, mp: int, num_labels: int) -> dict:

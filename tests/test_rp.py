@@ -22,6 +22,7 @@ from pipeline.models.recovery import recover_dense_head
 from pipeline.parallel.label_range import split_labels
 from pipeline.parallel.losses import distributed_loss
 from tests.multiproc import run_ranks
+from tests.reference import dense_targets
 
 
 def csr(label_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,8 +243,7 @@ def test_recovery_follows_the_loss_gradient_for_every_kind():
     h = torch.randn(30, 12, generator=gen)
     indptr, indices = csr([[i % 20, (3 * i) % 20] for i in range(30)])
     valid = torch.arange(30) < 25
-    y = torch.zeros(30, 20)
-    y[torch.arange(30).repeat_interleave(2), indices] = 1
+    y = dense_targets(indptr, indices, 20)
     with torch.no_grad():
         z = head(h).double()
     duals = {

@@ -15,6 +15,7 @@ from pipeline.parallel.grid import build_grid
 from pipeline.parallel.label_range import LabelRange, split_labels
 from pipeline.parallel.topk import distributed_topk
 from tests.multiproc import run_ranks
+from tests.reference import reference_topk
 
 K = 5
 
@@ -26,16 +27,6 @@ def make_logits(rows: int, num_labels: int, seed: int) -> torch.Tensor:
     x[1, ::2] = -torch.inf
     x[2] = torch.randn(num_labels, generator=g)  # no ties
     return x
-
-
-def reference_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    scores, ids = [], []
-    for row in x.tolist():
-        order = sorted(range(len(row)), key=lambda c, row=row: (-row[c], c))[:k]
-        pad = k - len(order)
-        scores.append([row[c] for c in order] + [-float("inf")] * pad)
-        ids.append(order + [-1] * pad)
-    return torch.tensor(scores), torch.tensor(ids)
 
 
 def worker(rank: int, world: int, cases: list[tuple[int, int]]) -> list:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU checks of the FFI CUDA kernels: `python3 launch/check_cuda.py [--skip-train] [--skip-perf]`.
+"""GPU checks of the FFI CUDA kernels: `python3 launch/gpu/check_cuda.py [--skip-train] [--skip-perf]`.
 
 1. correctness: torch.ops.xmc on CUDA against a float64 gather/scatter reference and against the CPU
    ops, values and both gradients, float32 (1e-5 of the largest magnitude) and bfloat16 (1e-2),
@@ -17,7 +17,8 @@
    nn.Linear(768, 670091).
 
 One line per case; the last line is one JSON object; exit status 1 on any failure. Imports only
-torch and pipeline.ops / pipeline.models.heads.ffi (the GPU machines lack the training stack).
+torch, pipeline.ops / pipeline.models.heads.ffi and the float64 references of tests/reference.py
+(the GPU machines lack the training stack).
 """
 
 from __future__ import annotations
@@ -35,11 +36,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # GPU machines run it from a checkout
 
 from pipeline.models.heads.ffi import FFIHead  # noqa: E402
 from pipeline.ops import FixedFanInSparse, draw_fan_in_indices, load_ops, rewire  # noqa: E402
 from pipeline.parallel.label_range import LabelRange  # noqa: E402
+from tests.reference import (  # noqa: E402
+    ffi_backward_input_chunked,
+    ffi_backward_weight_chunked,
+    ffi_forward_chunked,
+    rel_err_to_scale,
+)
 
 MODES = ("atomic", "csc")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -57,47 +64,6 @@ def report(ok: bool, line: str) -> None:
 
 def set_mode(mode: str) -> None:
     os.environ["XMC_FFI_DX"] = mode
-
-
-# ---------------------------------------------------------------- references (float64, chunked)
-
-
-def ref_forward(x, w, idx, b, chunk=1024):
-    x, w = x.double(), w.double()
-    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64, device=x.device)
-    for c0 in range(0, w.shape[0], chunk):
-        i = idx[c0 : c0 + chunk].long()
-        out[:, c0 : c0 + chunk] = (x[:, i] * w[c0 : c0 + chunk]).sum(-1)
-    return out if b is None else out + b.double()
-
-
-def ref_backward_input(dy, w, idx, h, chunk=1024):
-    dy, w = dy.double(), w.double()
-    dx = torch.zeros(dy.shape[0], h, dtype=torch.float64, device=dy.device)
-    for c0 in range(0, w.shape[0], chunk):
-        i = idx[c0 : c0 + chunk].long().reshape(-1)
-        contrib = (dy[:, c0 : c0 + chunk, None] * w[c0 : c0 + chunk]).reshape(dy.shape[0], -1)
-        dx.index_add_(1, i, contrib)
-    return dx
-
-
-def ref_backward_weight(dy, x, idx, chunk=1024):
-    dy, x = dy.double(), x.double()
-    dw = torch.empty(idx.shape, dtype=torch.float64, device=dy.device)
-    for c0 in range(0, idx.shape[0], chunk):
-        i = idx[c0 : c0 + chunk].long()
-        dw[c0 : c0 + chunk] = (dy[:, c0 : c0 + chunk, None] * x[:, i]).sum(0)
-    return dw
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest deviation relative to the largest reference magnitude (inf on NaN or shape mismatch)."""
-    if got.shape != ref.shape:
-        return math.inf
-    diff = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-    if math.isnan(diff):
-        return math.inf
-    return diff / max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
 
 
 # ---------------------------------------------------------------- 1. correctness
@@ -123,9 +89,9 @@ def check_case(n: int, h: int, c: int, k: int, bias: bool, dtype: torch.dtype, b
     if budget_mb:
         os.environ["XMC_FFI_L2_BUDGET_MB"] = budget_mb
     try:
-        ref_y = ref_forward(xg, wg, ig, bg)
-        ref_dw = ref_backward_weight(dyg, xg, ig)
-        ref_dx = ref_backward_input(dyg, wg, ig, h)
+        ref_y = ffi_forward_chunked(xg, wg, ig, bg)
+        ref_dw = ffi_backward_weight_chunked(dyg, xg, ig)
+        ref_dx = ffi_backward_input_chunked(dyg, wg, ig, h)
         cpu = {
             "y": torch.ops.xmc.ffi_forward(x, w, idx, b),
             "dW": torch.ops.xmc.ffi_backward_weight(dy, x, idx),
@@ -155,11 +121,11 @@ def check_case(n: int, h: int, c: int, k: int, bias: bool, dtype: torch.dtype, b
         torch.cuda.synchronize()
         for key, got in outs.items():
             base = key.split("[")[0]
-            e_ref = rel_err(got, refs[base])
-            e_cpu = rel_err(got.cpu(), cpu[base])
+            e_ref = rel_err_to_scale(got, refs[base])
+            e_cpu = rel_err_to_scale(got.cpu(), cpu[base])
             ok = got.dtype == dtype and e_ref <= tol and e_cpu <= 2 * tol
             report(ok, f"{name} {key:<15} vs float64 {e_ref:.2e}  vs CPU op {e_cpu:.2e}")
-        e_cpu_bwd = max(rel_err(cpu_dx, ref_dx.cpu()), rel_err(cpu_dw, ref_dw.cpu()))
+        e_cpu_bwd = max(rel_err_to_scale(cpu_dx, ref_dx.cpu()), rel_err_to_scale(cpu_dw, ref_dw.cpu()))
         report(
             none_w is None and none_x is None and e_cpu_bwd <= tol,
             f"{name} ffi_backward: gradients not asked for are None; CPU op vs float64 {e_cpu_bwd:.2e}",
@@ -180,12 +146,12 @@ def check_module() -> None:
         x = torch.randn(67, 300, device=dev, requires_grad=True)
         dy = torch.randn(67, 1001, device=dev)
         layer(x).backward(dy)
-        ref_dx = ref_backward_input(dy, layer.values.detach(), layer.indices, 300)
-        ref_dw = ref_backward_weight(dy, x.detach(), layer.indices)
+        ref_dx = ffi_backward_input_chunked(dy, layer.values.detach(), layer.indices, 300)
+        ref_dw = ffi_backward_weight_chunked(dy, x.detach(), layer.indices)
         errs = [
-            rel_err(x.grad, ref_dx),
-            rel_err(layer.values.grad, ref_dw),
-            rel_err(layer.bias.grad, dy.sum(0)),
+            rel_err_to_scale(x.grad, ref_dx),
+            rel_err_to_scale(layer.values.grad, ref_dw),
+            rel_err_to_scale(layer.bias.grad, dy.sum(0)),
         ]
         report(all(e <= 1e-5 for e in errs), f"module autograd [{mode}] dx/dW/db errors {errs}")
     set_mode("atomic")
@@ -237,9 +203,13 @@ def check_rewiring() -> None:
         for mode in MODES:
             set_mode(mode)
             dx = torch.ops.xmc.ffi_backward_input(y.detach(), layer.values.detach(), layer.indices, 512)
-            e = rel_err(dx, ref_backward_input(y.detach(), layer.values.detach(), layer.indices, 512))
+            e = rel_err_to_scale(
+                dx, ffi_backward_input_chunked(y.detach(), layer.values.detach(), layer.indices, 512)
+            )
             report(e <= 1e-5, f"after rewiring: dx[{mode}] vs float64 {e:.2e}")
-        e = rel_err(y, ref_forward(x, layer.values.detach(), layer.indices, layer.bias.detach()))
+        e = rel_err_to_scale(
+            y, ffi_forward_chunked(x, layer.values.detach(), layer.indices, layer.bias.detach())
+        )
         report(e <= 1e-5, f"after rewiring: forward vs float64 {e:.2e}")
     except Exception as exc:
         report(False, f"rewire on cuda: {type(exc).__name__}: {exc}")
