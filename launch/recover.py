@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_config = config.model_copy(deep=True)
     dense_config.model.head = "dense"
     dense_config.train.output_dir = str(out)
-    dense_config.train.steps = step + finetune
+    dense_config.train.steps, dense_config.train.epochs = step + finetune, 0.0
     if grid.rank == 0:
         shutil.rmtree(out, ignore_errors=True)
         save_config(dense_config, out / "config.json")

@@ -88,7 +88,10 @@ class ParallelConfig(Section):
 class TrainConfig(Section):
     output_dir: str = "runs/demo"
     seed: int = 0
-    steps: int = Field(200, ge=0)
+    steps: int = Field(200, ge=0, description="optimizer steps of the run (unless epochs is set)")
+    epochs: float = Field(
+        0.0, ge=0.0, description="> 0: passes over the training set instead of steps (rounded up to steps)"
+    )
     lr: float = Field(1e-3, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)

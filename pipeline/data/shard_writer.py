@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
 from pipeline.data import record
 from pipeline.data.errors import DataError
 from pipeline.data.manifest import FREQUENCIES_NAME, MANIFEST_NAME, Manifest, ShardInfo, write_manifest
+from pipeline.progress import progress_bar
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -74,9 +74,7 @@ class ShardWriter:
         self._tmp: Path | None = None
         self._in_shard = 0
         self._pending: list[tuple[np.ndarray, ...]] = []
-        self._bar = tqdm(
-            total=total, unit=" samples", unit_scale=True, disable=not progress, desc=str(self.out)
-        )
+        self._bar = progress_bar(total, str(self.out), enabled=progress, unit=" samples", unit_scale=True)
 
     # -- input -------------------------------------------------------------------------------------
     def add_bow(self, labels: np.ndarray, feat_idx: np.ndarray, feat_val: np.ndarray) -> None:

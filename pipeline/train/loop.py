@@ -29,9 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TrainConfig
 from pipeline.data import make_loader, read_manifest
 from pipeline.models.build import build_backbone, build_head
 from pipeline.models.group_batch import GroupBatch, group_batch
@@ -42,6 +41,7 @@ from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.horovod import dp_process_set
 from pipeline.parallel.label_range import LabelRange, split_labels
 from pipeline.parallel.model_parallel import sum_replicated_grads
+from pipeline.progress import progress_bar
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.allocator import keep_freed_memory
 from pipeline.train.evaluate import evaluate, popularity
@@ -115,7 +115,10 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # identical backbone and replicated head parts everywhere
         backbone = build_backbone(config.model, m.feature_kind, m.num_features)
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
-        total, warmup = config.train.steps, config.train.warmup_steps
+        gas = int(config.deepspeed.get("gradient_accumulation_steps", 1))
+        self.samples_per_step = config.data.batch_size * gas * grid.world_size
+        self.total_steps = total_steps(config.train, m.num_samples, self.samples_per_step)
+        total, warmup = self.total_steps, config.train.warmup_steps
         schedule = lambda step: lr_factor(step, warmup, total)  # noqa: E731
         ds_config = deepspeed_config(config, grid.world_size)
         backbone_opt = backbone_optimizer(backbone, ds_config, config.train.lr)
@@ -141,8 +144,7 @@ class Trainer:
         )
         self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
         self.position = Position()
-        gas = self.engine.gradient_accumulation_steps()
-        self.samples_per_step = config.data.batch_size * gas * grid.world_size
+        self.train_seconds = 0.0  # time in optimizer steps (not evaluation or checkpoints) this process
         self.logbook = Logbook(self.out, enabled=self.rank0)
 
     # ----- data -----------------------------------------------------------------------------------
@@ -305,13 +307,15 @@ class Trainer:
     # ----- the run --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Train for `train.steps` steps from the current position; returns the final test metrics."""
-        cfg = self.config.train
+        """Train to `total_steps` from the current position; returns the final test metrics."""
+        cfg, total = self.config.train, self.total_steps
         batches = self.train_batches()
-        bar = tqdm(total=cfg.steps, initial=self.position.step, disable=not self.rank0, desc="train")
-        bad_in_a_row, window, started = 0, [], time.perf_counter()
-        while self.position.step < cfg.steps:
+        bar = progress_bar(total, "train", enabled=self.rank0, initial=self.position.step)
+        bad_in_a_row, window, window_s = 0, [], 0.0
+        while self.position.step < total:
+            started = time.perf_counter()
             loss, applied = self.train_step(batches)
+            window_s += time.perf_counter() - started
             if not applied:
                 bad_in_a_row += 1
                 warnings.warn(f"step {self.position.step}: non-finite loss, step skipped", stacklevel=1)
@@ -325,25 +329,33 @@ class Trainer:
             window.append(loss)
             step = self.position.step
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == total:
                 mean = torch.tensor([sum(window) / len(window)], device=self.device)
                 dist.all_reduce(mean)
-                elapsed = time.perf_counter() - started
+                self.train_seconds += window_s
                 record = {
                     "loss": mean.item() / self.grid.world_size,
                     "lr": self.head_scheduler.get_last_lr()[0],
-                    "samples_per_s": len(window) * self.samples_per_step / elapsed,
+                    "samples_per_s": len(window) * self.samples_per_step / window_s,
                     "exchange_bytes": self.exchange.step_bytes,
+                    "train_s": self.train_seconds,
                 }
                 self.logbook.log("train", step, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                window, started = [], time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                self.logbook.log("eval", step, self.evaluate())
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                window, window_s = [], 0.0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                self.logbook.log("eval", step, self.evaluate() | {"train_s": self.train_seconds + window_s})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 self.save()
         bar.close()
         final = self.evaluate()
-        self.logbook.log("eval", self.position.step, final)
+        self.logbook.log("eval", self.position.step, final | {"train_s": self.train_seconds})
         self.save()
         return final
+
+
+def total_steps(train: TrainConfig, num_samples: int, samples_per_step: int) -> int:
+    """`train.steps`, or with `train.epochs` > 0 the steps of that many passes over the training set."""
+    if train.epochs > 0:
+        return max(1, math.ceil(train.epochs * num_samples / samples_per_step))
+    return train.steps
