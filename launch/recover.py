@@ -26,7 +26,7 @@ import torch
 from pipeline.config import save_config
 from pipeline.data import make_loader
 from pipeline.models.group_batch import group_batches
-from pipeline.models.recovery import calibrate_scale, recover_dense_head
+from pipeline.models.recovery import back_projection, calibrate_recovery, recover_dense_head
 from pipeline.parallel.distributed import collective_device, init_distributed
 from pipeline.parallel.grid import build_grid
 from pipeline.parallel.horovod import init_horovod, shutdown_horovod
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     lam, loss = config.model.rp.recovery_lambda, config.model.loss
     dense = recover_dense_head(slim, train_groups(), lam, grid.mp_group, grid.dp_group, loss)
-    scale = calibrate_scale(dense, loss, label_range, grid.mp_group, train_groups())
+    scale, mix = calibrate_recovery(dense.weight, slim, loss, label_range, grid.mp_group, train_groups())
     with torch.no_grad():
-        dense.weight.mul_(scale)
+        dense.weight.mul_(scale).add_(back_projection(slim), alpha=mix)
 
     manifest = model.manifest
 
@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics = XMCMetrics(manifest.num_labels, manifest.label_frequencies, manifest.num_samples)
         return evaluate(backbone, head, test, grid, label_range, batch_size, metrics)
 
-    report = {"slim": test_metrics(slim), "recovered": test_metrics(dense), "scale": scale}
+    report = {
+        "slim": test_metrics(slim),
+        "recovered": test_metrics(dense),
+        "scale": scale,
+        "back_projection": mix,
+    }
 
     # The recovered head becomes an ordinary dense-head run that predict and train can continue.
     out = run_dir / "recovered"
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )["final"]
     if grid.rank == 0:
         (out / "recovery_report.json").write_text(json.dumps(report, indent=1) + "\n")
-        print(f"recovered W scaled by {scale:.4g} (the loss-minimising power of 2)", flush=True)
+        print(f"recovered W = {scale:.4g} W_dual + {mix:g} V R^T (the training-loss minimiser)", flush=True)
         for name, values in report.items():
             if not isinstance(values, dict):
                 continue

@@ -239,7 +239,7 @@ def test_rp_run_exchanges_topk_and_recovers_a_dense_head(tmp_path, data):
     )
     ok(proc)
     report = json.loads((out / "recovered" / "recovery_report.json").read_text())
-    assert set(report) == {"slim", "recovered", "finetuned", "scale"}
+    assert set(report) == {"slim", "recovered", "finetuned", "scale", "back_projection"}
     assert report["slim"] == pytest.approx(result["final"], abs=1e-6)
     assert report["finetuned"]["P@1"] > result["popularity_baseline"]["P@1"], report
     assert records(out / "recovered", "eval")[-1]["step"] == STEPS + 4

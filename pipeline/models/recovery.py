@@ -10,7 +10,8 @@ original embeddings h gives W. The gradients come from `distributed_loss` throug
 loss kind works unchanged (for softmax, g_i = p_i - y_i / |y_i|).
 
 The slim model's bias is copied as it is (it is not regularised and lives in the same logit space).
-`calibrate_scale` then fixes W's scale where the slim model is not at its optimum.
+`calibrate_recovery` then fixes W's scale where the slim model is not at its optimum, and mixes in
+the back-projection V R^T where that fits the training data better.
 """
 
 from __future__ import annotations
@@ -84,38 +85,50 @@ def recover_dense_head(
     return dense
 
 
-def calibrate_scale(
-    dense: DenseHead,
+def back_projection(rp_head: RPHead) -> torch.Tensor:
+    """V R^T [C_local, d]: the dense weight whose logits on h equal the slim head's, (h R) V^T."""
+    return rp_head.weight @ rp_head.projection.t().to(rp_head.weight.dtype)
+
+
+def calibrate_recovery(
+    dual: torch.Tensor,
+    slim: RPHead,
     loss_kind: LossKind,
     label_range: LabelRange,
     group: dist.ProcessGroup | None,
     batches: Iterable[GroupBatch],
     max_batches: int = 16,
-) -> float:
-    """The factor a > 0 (a power of 2 in 2^-20 .. 2^8) that minimises the training loss of
-    a * (W h) + b over the first `max_batches` group batches of training data.
+) -> tuple[float, float]:
+    """(a, b) minimising the training loss of (a W_dual + b V R^T) h + bias over the first
+    `max_batches` group batches; a in {0} or a power of 2 in 2^-20 .. 2^8, b in {0, 1}.
 
     The dual formula gives W's direction; its scale is right only at the optimum of the regularised
-    slim problem. After a finite number of Adam steps the slim model is not there and W h can be off
-    by orders of magnitude, which softmax-type losses (and a fine-tune's first steps) punish. At the
-    optimum the search returns about 1. Every rank of the group evaluates the same candidates (the
-    loss all-reduces over the group); sums over data-parallel replicas are all-reduced at the end, so
-    every rank of the world returns the same factor. Collective over the world."""
-    factors = torch.tensor([2.0**e for e in range(-20, 9)], dtype=torch.float64)
-    # summed losses, then the sample count; on the device of the collectives
-    totals = torch.zeros(len(factors) + 1, dtype=torch.float64, device=dense.weight.device)
-    bias = dense.bias if dense.bias is not None else 0.0
+    slim problem. After a finite number of Adam steps the slim model is not there: W h can be off by
+    orders of magnitude, and far from the optimum the dual direction itself can be worse than the
+    slim model. The back-projection V R^T reproduces the slim model's logits exactly, so with b = 1,
+    a = 0 among the candidates the recovered head is never worse on the training loss than the slim
+    one, and where the dual direction adds information (a > 0) it is kept. At the optimum the search
+    returns a about 1. Every rank of the group evaluates the same candidates (the loss all-reduces
+    over the group); sums over data-parallel replicas are all-reduced at the end, so every rank of the
+    world returns the same pair. Collective over the world."""
+    powers = [2.0**e for e in range(-20, 9)]
+    candidates = [(a, 0.0) for a in powers] + [(0.0, 1.0)] + [(a, 1.0) for a in powers]
+    # summed losses per candidate, then the sample count; on the device of the collectives
+    totals = torch.zeros(len(candidates) + 1, dtype=torch.float64, device=dual.device)
+    bias = slim.bias if slim.bias is not None else 0.0
+    projected = back_projection(slim)
     with torch.no_grad():
         for i, (h, indptr, indices, valid) in enumerate(batches):
             if i == max_batches:
                 break
-            wh = torch.nn.functional.linear(h, dense.weight)
+            wh, bp = h @ dual.t(), h @ projected.t()
             n = valid.sum()
-            for j, a in enumerate(factors.tolist()):
-                loss = distributed_loss(loss_kind, wh * a + bias, indptr, indices, label_range, valid, group)
+            for j, (a, b) in enumerate(candidates):
+                logits = wh * a + bp * b + bias
+                loss = distributed_loss(loss_kind, logits, indptr, indices, label_range, valid, group)
                 totals[j] += loss.double() * n
             totals[-1] += n
     if group is not None:  # each model-parallel group saw its own batches: sum over the whole world
         totals /= dist.get_world_size(group)
     dist.all_reduce(totals)
-    return float(factors[int(torch.argmin(totals[:-1]))])
+    return candidates[int(torch.argmin(totals[:-1]))]
