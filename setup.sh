@@ -56,8 +56,8 @@ if ! py_ok "import horovod.torch"; then
 fi
 
 # 4. The package itself (editable) with its remaining dependencies and the dev tools.
-if ! py_ok "import pipeline, deepspeed, webdataset, mpi4py, pydantic, pytest, tensorboard, matplotlib"; then
-  log "pip install -e .[dev]"
-  pip install -q -e ".[dev]"
+if ! py_ok "import pipeline, deepspeed, webdataset, mpi4py, pydantic, pytest, tensorboard, matplotlib, omikuji, pecos, napkinxc"; then
+  log "pip install -e .[dev,bench]"
+  pip install -q -e ".[dev,bench]"
 fi
 log "ready: $(python3 -c 'import torch, deepspeed, horovod; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, horovod {horovod.__version__}")' 2>/dev/null | tail -n1)"

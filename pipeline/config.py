@@ -73,7 +73,17 @@ class ModelConfig(Section):
     embed_dim: int = Field(256, ge=1)
     hidden_dims: list[int] = Field(default_factory=lambda: [512])
     head: Literal["dense", "ffi", "rp"] = "dense"
-    loss: Literal["softmax", "bce", "squared_hinge"] = "softmax"
+    loss: Literal["softmax", "bce", "squared_hinge"] = Field(
+        "bce",
+        description="bce: one binary decision per label (measured best on real tf-idf data: P@1, P@5 and "
+        "PSP@5 above softmax); softmax: multi-label targets normalised per sample; squared_hinge",
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="after every hidden ReLU of the backbone")
+    prior_bias: bool = Field(
+        True,
+        description="start the output biases at the labels' training priors (bce: log-odds, softmax: log "
+        "prior) rather than at random; without it bce sits at the popularity baseline for epochs",
+    )
     ffi: FFIConfig = Field(default_factory=FFIConfig)
     rp: RPConfig = Field(default_factory=RPConfig)
 
@@ -92,7 +102,10 @@ class TrainConfig(Section):
     epochs: float = Field(
         0.0, ge=0.0, description="> 0: passes over the training set instead of steps (rounded up to steps)"
     )
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate of the output layer")
+    backbone_lr: float | None = Field(
+        None, gt=0.0, description="peak learning rate of the backbone; None: the same as lr"
+    )
     warmup_steps: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="0: evaluate at the end only")

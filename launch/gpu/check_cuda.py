@@ -38,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # GPU machines run it from a checkout
 
+from launch.benchmarks.ffi import timed  # noqa: E402
 from pipeline.models.heads.ffi import FFIHead  # noqa: E402
 from pipeline.ops import FixedFanInSparse, draw_fan_in_indices, load_ops, rewire  # noqa: E402
 from pipeline.parallel.label_range import LabelRange  # noqa: E402
@@ -334,17 +335,7 @@ def l2_budget_mb() -> float:
 
 def cuda_time(fn: Callable[[], object], repeats: int = 5) -> float:
     """Median seconds over repeats after one warm-up, CUDA events on the current stream."""
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
+    return timed(fn, repeats, torch.device("cuda"))
 
 
 def perf_check(peak_bw: float) -> list[dict]:

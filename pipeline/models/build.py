@@ -20,7 +20,7 @@ def build_backbone(model: ModelConfig, feature_kind: str, num_features: int) -> 
             raise ValueError(
                 f"model.backbone='bow' needs bag-of-words data, the manifest says {feature_kind!r}"
             )
-        return BowBackbone(num_features, model.embed_dim, model.hidden_dims)
+        return BowBackbone(num_features, model.embed_dim, model.hidden_dims, model.dropout)
     if feature_kind != "dense":
         raise ValueError(f"model.backbone='dense' needs dense features, the manifest says {feature_kind!r}")
     return DenseBackbone(num_features, model.embed_dim, model.hidden_dims)

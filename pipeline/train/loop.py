@@ -35,6 +35,7 @@ from pipeline.data import make_loader, read_manifest
 from pipeline.models.build import build_backbone, build_head
 from pipeline.models.group_batch import GroupBatch, group_batch
 from pipeline.models.heads.loss import head_loss
+from pipeline.models.heads.prior import set_prior_bias
 from pipeline.parallel.distributed import collective_device
 from pipeline.parallel.gradient_exchange import GradientExchange
 from pipeline.parallel.grid import ProcessGrid
@@ -117,13 +118,15 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # identical backbone and replicated head parts everywhere
         backbone = build_backbone(config.model, m.feature_kind, m.num_features)
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
+        if config.model.prior_bias:
+            set_prior_bias(self.head, m.label_frequencies, m.num_samples, config.model.loss)
         gas = int(config.deepspeed.get("gradient_accumulation_steps", 1))
         self.samples_per_step = config.data.batch_size * gas * grid.world_size
         self.total_steps = total_steps(config.train, m.num_samples, self.samples_per_step)
         total, warmup = self.total_steps, config.train.warmup_steps
         schedule = lambda step: lr_factor(step, warmup, total)  # noqa: E731
         ds_config = deepspeed_config(config, grid.world_size)
-        backbone_opt = backbone_optimizer(backbone, ds_config, config.train.lr)
+        backbone_opt = backbone_optimizer(backbone, ds_config, config.train.backbone_lr or config.train.lr)
         self.engine, _, _, _ = deepspeed.initialize(
             model=backbone,
             optimizer=backbone_opt,

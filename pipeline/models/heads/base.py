@@ -34,6 +34,10 @@ class Head(Protocol):
         """Parameters split by label range (first dimension = local labels)."""
         ...
 
+    def output_bias(self) -> nn.Parameter | None:
+        """The per-label bias [label_range.size] added to the logits last (None: the head has none)."""
+        ...
+
     def weight_decay(self) -> float:
         """The L2 coefficient the head's optimizer applies (Adam's coupled weight decay)."""
         ...

@@ -63,6 +63,9 @@ class DenseHead(nn.Module):
         """Parameters split by label range: all of them."""
         return list(self.parameters())
 
+    def output_bias(self) -> nn.Parameter | None:
+        return self.bias
+
     def weight_decay(self) -> float:
         return 0.0
 

@@ -82,6 +82,9 @@ class FFIHead(nn.Module):
         """The sparse layer: this rank's labels only."""
         return list(self.sparse.parameters())
 
+    def output_bias(self) -> nn.Parameter | None:
+        return self.sparse.bias
+
     def weight_decay(self) -> float:
         return 0.0
 

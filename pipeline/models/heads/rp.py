@@ -97,6 +97,9 @@ class RPHead(nn.Module):
     def sharded_parameters(self) -> list[nn.Parameter]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
+    def output_bias(self) -> nn.Parameter | None:
+        return self.bias
+
     def weight_decay(self) -> float:
         """`l2`: Adam's coupled weight decay adds l2 * w to the gradient, the gradient of
         (l2/2)||w||^2, the penalty of the regularised problem that recovery solves."""
