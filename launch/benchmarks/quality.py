@@ -57,18 +57,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def quiet_stderr():
-    """Silence native libraries' progress bars (Omikuji redraws one per sample) at the descriptor level."""
+def quiet_native_output():
+    """Silence native libraries' logs and progress bars (Omikuji logs to stdout and redraws a bar per
+    sample on stderr) at the descriptor level, where Python's redirection does not reach."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = [os.dup(1), os.dup(2)]
     with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
         os.dup2(null.fileno(), 2)
     try:
         yield
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 class Scorer:
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
 
     rows: dict[str, dict] = {"popularity": {**score(score.popularity(n_test)), "train_s": 0.0}}
     for name in [s for s in systems if s in PEERS]:
-        with quiet_stderr():
+        with quiet_native_output():
             r = PEERS[name](str(data / "train.txt"), train, test, 5, args.threads)
         rows[name] = {**score(r.top_k), "train_s": r.train_s, "predict_s": r.predict_s}
         rows[name]["samples_per_s"] = n_train / r.train_s
