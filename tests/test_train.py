@@ -121,6 +121,9 @@ def test_mpirun_ffi_model_parallel_run_learns(tmp_path, data):
     out = tmp_path / "run"
     sets = ["model.head=ffi", "model.loss=softmax", "model.ffi.hidden=128", "model.ffi.fan_in=8"]
     sets += ["model.ffi.rewire_every=4", "parallel.model_parallel=2", "train.checkpoint_every=0"]
+    # From random biases: with prior biases the run starts at the popularity solution, whose loss the
+    # 16 steps cannot cut by the 5% this test asks for.
+    sets += ["model.prior_bias=false"]
     proc, _ = train("mpirun", out, data, *sets)
     ok(proc)
     losses = [r["loss"] for r in records(out, "train")]

@@ -237,7 +237,8 @@ def plot(rows: dict[str, dict], png: Path) -> None:
         ax.bar(xs, [100 * rows[n][column] for n in names], width, label=column)
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel("%")
-    ax.legend(ncol=len(COLUMNS), fontsize=8)
+    ax.set_ylim(0, 115)  # room for the legend above the bars
+    ax.legend(ncol=len(COLUMNS), fontsize=8, loc="upper center")
     ax.set_title("quality on the test set (our metric code for every system)")
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".partial.png")
