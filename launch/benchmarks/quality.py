@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -107,9 +108,17 @@ def shards(data: Path, out: Path) -> dict[str, Path]:
     return folders
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the launcher's default 29500 may be another job's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(script: str, args: list[str], ranks: int, log: Path, timeout: int) -> float:
     """Run a launch/ script under the DeepSpeed launcher on `ranks` CPU ranks; returns its wall time."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), str(ROOT / "launch" / script), *args]
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    cmd += [str(ROOT / "launch" / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
     t0 = time.perf_counter()
     with open(log, "w") as f:
