@@ -12,6 +12,8 @@ import importlib
 import json
 import sys
 
+from pipeline.data import DataError
+
 SUITES = ("data", "ffi", "mp", "quality", "rp")
 
 
@@ -31,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         suite = load_suite(name)
         suite.add_arguments(sub.add_parser(name, help=(suite.__doc__ or "").strip().splitlines()[0]))
     args = parser.parse_args(argv)
-    figures = load_suite(args.suite).run(args)
+    try:
+        figures = load_suite(args.suite).run(args)
+    except DataError as exn:  # a missing or malformed input file: its name and line, no traceback
+        print(f"bench {args.suite}: {exn}", file=sys.stderr)
+        return 2
     print(json.dumps({"suite": args.suite, **figures}, sort_keys=True))
     return 0
 

@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run)
-    checkpoint, _ = ckpt.resolve_checkpoint(run_dir)
+    try:
+        checkpoint, _ = ckpt.resolve_checkpoint(run_dir)
+    except ckpt.CheckpointError as e:
+        raise SystemExit(f"recover: {e}") from None
     meta = ckpt.read_meta(checkpoint)
     if meta["head"] != "rp":
         raise SystemExit(f"recover: {run_dir} trained a {meta['head']!r} head, not 'rp'")

@@ -45,16 +45,16 @@ def read_xmc_csr(path: str | os.PathLike) -> XMCMatrix:
         shape_x = (len(feat_ptr) - 1, reader.num_features)
         shape_y = (len(lab_ptr) - 1, reader.num_labels)
 
-    def csr(ptr, idx, val, shape):
-        idx = np.concatenate(idx).astype(np.int32) if idx else np.zeros(0, np.int32)
-        val = np.concatenate(val).astype(np.float32) if val else np.ones(len(idx), np.float32)
-        m = sp.csr_matrix((val, idx, np.asarray(ptr, dtype=np.int64)), shape=shape)
+    def csr(ptr: list[int], idx: list[np.ndarray], val: list[np.ndarray], shape: tuple[int, int]):
+        data = np.concatenate(val).astype(np.float32) if val else np.zeros(0, np.float32)
+        cols = np.concatenate(idx).astype(np.int32) if idx else np.zeros(0, np.int32)
+        m = sp.csr_matrix((data, cols, np.asarray(ptr, dtype=np.int64)), shape=shape)
         m.sum_duplicates()
         return m
 
     x = csr(feat_ptr, feat_idx, feat_val, shape_x)
     y = csr(lab_ptr, lab_idx, [np.ones(len(i), np.float32) for i in lab_idx], shape_y)
-    y.data[:] = 1.0
+    y.data[:] = 1.0  # a label listed twice counts once
     return XMCMatrix(x, y)
 
 

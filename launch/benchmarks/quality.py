@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ import torch
 from launch.benchmarks.peers import PEERS, XMCMatrix, read_xmc_csr
 from pipeline.data import convert_xmc, read_manifest
 from pipeline.train.logbook import read_records
-from pipeline.train.metrics import XMCMetrics
+from pipeline.train.metrics import XMCMetrics, popularity_baseline
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = ("dense", "ffi", "rp")
@@ -87,14 +88,18 @@ class Scorer:
         self.indices = torch.from_numpy(test.Y.indices.astype(np.int64))
         self.a, self.b = a, b
 
+    def metrics(self) -> XMCMetrics:
+        return XMCMetrics(self.num_labels, self.frequencies, self.num_train, A=self.a, B=self.b)
+
     def __call__(self, top_k: np.ndarray) -> dict[str, float]:
-        m = XMCMetrics(self.num_labels, self.frequencies, self.num_train, A=self.a, B=self.b)
+        m = self.metrics()
         m.update(torch.as_tensor(top_k, dtype=torch.int64), self.indptr, self.indices)
         return m.compute()
 
-    def popularity(self, n: int) -> np.ndarray:
-        top = self.frequencies.argsort(descending=True, stable=True)[:5].numpy()
-        return np.broadcast_to(top, (n, 5))
+    def popularity(self) -> dict[str, float]:
+        """The metrics of predicting the most frequent training labels for every test sample."""
+        test = SimpleNamespace(label_indptr=self.indptr, label_indices=self.indices)
+        return popularity_baseline(self.metrics(), [test])
 
 
 def shards(data: Path, out: Path) -> dict[str, Path]:
@@ -174,18 +179,18 @@ def train_ours(head: str, folders: dict[str, Path], args: argparse.Namespace, ou
 
 def run(args: argparse.Namespace) -> dict:
     data, out = Path(args.data), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in PEERS and s not in OURS]
     if unknown:
         raise SystemExit(f"quality: unknown systems {unknown}: expected some of {', '.join((*PEERS, *OURS))}")
     train, test = read_xmc_csr(data / "train.txt"), read_xmc_csr(data / "test.txt")
+    out.mkdir(parents=True, exist_ok=True)
     score = Scorer(train, test, args.propensity_a, args.propensity_b)
     n_train, n_test = train.X.shape[0], test.X.shape[0]
     print(f"data: {n_train} train, {n_test} test, {train.X.shape[1]} features, {train.Y.shape[1]} labels")
     print(f"propensities: Jain et al. 2016, A = {args.propensity_a}, B = {args.propensity_b}", flush=True)
 
-    rows: dict[str, dict] = {"popularity": {**score(score.popularity(n_test)), "train_s": 0.0}}
+    rows: dict[str, dict] = {"popularity": {**score.popularity(), "train_s": 0.0}}
     for name in [s for s in systems if s in PEERS]:
         with quiet_native_output():
             r = PEERS[name](str(data / "train.txt"), train, test, 5, args.threads)

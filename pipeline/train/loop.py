@@ -90,11 +90,13 @@ def backbone_optimizer(backbone: nn.Module, ds_config: dict[str, Any], lr: float
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps done, and the data position within the epoch."""
+    """Where training stands: optimizer steps done, the data position within the epoch, and the
+    seconds spent in optimizer steps so far (not in evaluation or checkpoints; kept across resumes)."""
 
     step: int = 0
     epoch: int = 0
     batches: int = 0
+    train_seconds: float = 0.0
 
 
 class Trainer:
@@ -120,12 +122,11 @@ class Trainer:
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
         if config.model.prior_bias:
             set_prior_bias(self.head, m.label_frequencies, m.num_samples, config.model.loss)
-        gas = int(config.deepspeed.get("gradient_accumulation_steps", 1))
-        self.samples_per_step = config.data.batch_size * gas * grid.world_size
+        ds_config = deepspeed_config(config, grid.world_size)
+        self.samples_per_step = ds_config["train_batch_size"]  # batch x accumulation x world
         self.total_steps = total_steps(config.train, m.num_samples, self.samples_per_step)
         total, warmup = self.total_steps, config.train.warmup_steps
         schedule = lambda step: lr_factor(step, warmup, total)  # noqa: E731
-        ds_config = deepspeed_config(config, grid.world_size)
         backbone_opt = backbone_optimizer(backbone, ds_config, config.train.backbone_lr or config.train.lr)
         self.engine, _, _, _ = deepspeed.initialize(
             model=backbone,
@@ -149,7 +150,6 @@ class Trainer:
         )
         self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
         self.position = Position()
-        self.train_seconds = 0.0  # time in optimizer steps (not evaluation or checkpoints) this process
         self.logbook = Logbook(self.out, enabled=self.rank0)
 
     # ----- data -----------------------------------------------------------------------------------
@@ -337,24 +337,26 @@ class Trainer:
             if step % cfg.log_every == 0 or step == total:
                 mean = torch.tensor([sum(window) / len(window)], device=self.device)
                 dist.all_reduce(mean)
-                self.train_seconds += window_s
+                self.position.train_seconds += window_s
                 record = {
                     "loss": mean.item() / self.grid.world_size,
                     "lr": self.head_scheduler.get_last_lr()[0],
                     "samples_per_s": len(window) * self.samples_per_step / window_s,
                     "exchange_bytes": self.exchange.step_bytes,
-                    "train_s": self.train_seconds,
+                    "train_s": self.position.train_seconds,
                 }
                 self.logbook.log("train", step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                 window, window_s = [], 0.0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                self.logbook.log("eval", step, self.evaluate() | {"train_s": self.train_seconds + window_s})
+                self.logbook.log(
+                    "eval", step, self.evaluate() | {"train_s": self.position.train_seconds + window_s}
+                )
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 self.save()
         bar.close()
         final = self.evaluate()
-        self.logbook.log("eval", self.position.step, final | {"train_s": self.train_seconds})
+        self.logbook.log("eval", self.position.step, final | {"train_s": self.position.train_seconds})
         self.save()
         return final
 
