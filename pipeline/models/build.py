@@ -5,25 +5,42 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.data.tokenizer import TextTokenizer
+from pipeline.hf_folder import resolve_model_folder
 from pipeline.models.backbones import BowBackbone, DenseBackbone
 from pipeline.models.heads.base import Head
 from pipeline.models.heads.dense import DenseHead
 from pipeline.models.heads.ffi import FFIHead
 from pipeline.models.heads.rp import RPHead
+from pipeline.models.text_encoder import TransformerBackbone
 from pipeline.parallel.label_range import LabelRange
 
 
+BACKBONE_DATA = {"bow": "bow", "dense": "dense", "transformer": "text"}
+"""`model.backbone` -> the feature kind of the shards it reads (`Manifest.feature_kind`)."""
+
+
 def build_backbone(model: ModelConfig, feature_kind: str, num_features: int) -> nn.Module:
-    """`num_features` is the vocabulary size for bag-of-words data, the input width for dense data."""
+    """`num_features` is the vocabulary size for bag-of-words data, the input width for dense data
+    (unused for text: the tokenizer's vocabulary sizes the encoder)."""
+    want = BACKBONE_DATA[model.backbone]
+    if feature_kind != want:
+        raise ValueError(
+            f"model.backbone={model.backbone!r} reads {want} shards, the manifest says {feature_kind!r}"
+        )
+    if model.backbone == "transformer":
+        return TransformerBackbone.from_config(model.encoder, model.embed_dim)
     if model.backbone == "bow":
-        if feature_kind != "bow":
-            raise ValueError(
-                f"model.backbone='bow' needs bag-of-words data, the manifest says {feature_kind!r}"
-            )
         return BowBackbone(num_features, model.embed_dim, model.hidden_dims, model.dropout)
-    if feature_kind != "dense":
-        raise ValueError(f"model.backbone='dense' needs dense features, the manifest says {feature_kind!r}")
     return DenseBackbone(num_features, model.embed_dim, model.hidden_dims)
+
+
+def build_tokenizer(model: ModelConfig) -> TextTokenizer | None:
+    """The tokenizer the loader workers run on text shards (the encoder's own, from its folder), or
+    None for backbones that read features."""
+    if model.encoder is None or model.backbone != "transformer":
+        return None
+    return TextTokenizer(resolve_model_folder(model.encoder.path), model.encoder.max_length)
 
 
 HEADS: dict[str, type] = {"dense": DenseHead, "ffi": FFIHead, "rp": RPHead}

@@ -34,7 +34,9 @@ def embed(backbone: nn.Module, batch: Batch, batch_size: int, dtype: torch.dtype
     """Backbone embeddings of a batch in float32, padded with zero rows to `batch_size`, on the
     backbone's device; `dtype` is the backbone's parameter dtype (inputs are cast to it)."""
     device = next(backbone.parameters()).device
-    if batch.dense is not None:
+    if batch.input_ids is not None:
+        h = backbone(batch.input_ids.to(device), batch.attention_mask.to(device))
+    elif batch.dense is not None:
         h = backbone(batch.dense.to(device, dtype))
     else:
         inputs = (batch.feature_indices, batch.feature_offsets, batch.feature_weights.to(dtype))

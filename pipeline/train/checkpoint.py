@@ -34,7 +34,8 @@ from torch import nn
 
 from pipeline.config import RunConfig, load_config
 from pipeline.data import Manifest, read_manifest
-from pipeline.models.build import build_backbone, build_head, sharded_state_keys
+from pipeline.data.tokenizer import TextTokenizer
+from pipeline.models.build import build_backbone, build_head, build_tokenizer, sharded_state_keys
 from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.label_range import LabelRange, split_labels
 
@@ -243,6 +244,7 @@ class InferenceModel:
     label_range: LabelRange
     checkpoint: Path
     shard: dict[str, Any]
+    tokenizer: TextTokenizer | None  # the loader's tokenizer for text shards and raw text
 
 
 def load_for_inference(
@@ -264,4 +266,5 @@ def load_for_inference(
     restore_head(head, None, shard)
     backbone.to(device).eval()
     head.to(device).eval()
-    return InferenceModel(config, meta, manifest, backbone, head, label_range, checkpoint, shard)
+    tokenizer = build_tokenizer(config.model)
+    return InferenceModel(config, meta, manifest, backbone, head, label_range, checkpoint, shard, tokenizer)
