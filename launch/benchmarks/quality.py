@@ -17,6 +17,13 @@ their own final evaluation; peers: the library's fit call), `predict s` the wall
 the test set; `samples/s` = training samples x passes / train s. For our heads, `to best peer P@1`
 is the training time (steps only, from the run's periodic evaluations) at which the head first
 reached the best peer's P@1, when it did. Writes `OUT/quality.json` and a bar chart `OUT/quality.png`.
+
+Text encoders (`text-dense`, `text-ffi`): the same rows as raw text, FOLDER's `trn.jsonl` and
+`tst.jsonl` (make_debian_xmc.py writes both forms), converted once into `OUT/text_shards` and
+trained with `--text-config` (default configs/text_minilm.json: the pretrained all-MiniLM-L6-v2
+fine-tuned with the head) plus `--text-set` overrides. Their label ids (the text converter's
+vocabulary) are mapped to the BoW ids by name through FOLDER's `labels.txt`, so every system is scored
+against the same test labels.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ import numpy as np
 import torch
 
 from launch.benchmarks.peers import PEERS, XMCMatrix, read_xmc_csr
-from pipeline.data import convert_xmc, read_manifest
+from pipeline.data import convert_text, convert_xmc, read_label_names, read_manifest
 from pipeline.train.logbook import read_records
 from pipeline.train.metrics import XMCMetrics, popularity_baseline
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = ("dense", "ffi", "rp")
+TEXT = ("text-dense", "text-ffi")
 COLUMNS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
 
 
@@ -51,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join((*PEERS, *OURS)), help="comma-separated")
     parser.add_argument("--config", default=str(ROOT / "configs" / "xmc_bow.json"), help="our run config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override our config")
+    parser.add_argument(
+        "--text-config", default=str(ROOT / "configs" / "text_minilm.json"), help="config of text-*"
+    )
+    parser.add_argument("--text-set", action="append", default=[], metavar="KEY=VALUE", help="for text-*")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks of our training jobs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the peers")
     parser.add_argument("--propensity-a", type=float, default=0.55)
@@ -113,6 +125,24 @@ def shards(data: Path, out: Path) -> dict[str, Path]:
     return folders
 
 
+def text_shards(data: Path, out: Path) -> dict[str, Path]:
+    """Our text shards of trn.jsonl and tst.jsonl, converted once."""
+    folder = out / "text_shards"
+    if not all((folder / split / "manifest.json").is_file() for split in ("train", "test")):
+        convert_text(data / "trn.jsonl", folder, test_input=data / "tst.jsonl", progress=False)
+    return {split: folder / split for split in ("train", "test")}
+
+
+def bow_ids_of_text_labels(data: Path, text_train: Path) -> np.ndarray:
+    """For each label id of the text shards, the id of the same label name in FOLDER/labels.txt."""
+    bow = {name: i for i, name in enumerate((data / "labels.txt").read_text().splitlines())}
+    names = read_label_names(text_train)
+    missing = [n for n in names if n not in bow] if names is not None else ["(no label names)"]
+    if missing:
+        raise SystemExit(f"quality: text labels not in {data / 'labels.txt'}: {missing[:5]}")
+    return np.array([bow[n] for n in names], dtype=np.int64)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (the launcher's default 29500 may be another job's)."""
     with socket.socket() as s:
@@ -153,22 +183,26 @@ def _time_to(run: Path, p_at_1: float) -> float | None:
     return None
 
 
-def train_ours(head: str, folders: dict[str, Path], args: argparse.Namespace, out: Path) -> dict:
-    run = out / "runs" / head
+def train_ours(
+    name: str, folders: dict[str, Path], args: argparse.Namespace, out: Path, config: str, extra: list[str]
+) -> dict:
+    """Train system `name` (a head, or text-<head>) with `config` + `extra`, predict its test top-5."""
+    head = name.removeprefix("text-")
+    run = out / "runs" / name
     sets = [f"model.head={head}", f"data.train={folders['train']}", f"data.test={folders['test']}"]
-    sets += [f"train.output_dir={run}", *args.set]
-    train_args = ["--config", args.config]
+    sets += [f"train.output_dir={run}", *extra]
+    train_args = ["--config", config]
     for s in sets:
         train_args += ["--set", s]
     run.mkdir(parents=True, exist_ok=True)
-    train_s = _launch("train.py", train_args, args.ranks, out / "runs" / f"{head}.log", args.timeout)
+    train_s = _launch("train.py", train_args, args.ranks, out / "runs" / f"{name}.log", args.timeout)
     top, predict_s = _predict(run, args.timeout)
     records = read_records(run / "metrics.jsonl")
     steps = max(r["step"] for r in records)
     batch = json.loads((run / "config.json").read_text())["data"]["batch_size"]
     result = {"top_k": top, "train_s": train_s, "predict_s": predict_s, "samples": steps * batch * args.ranks}
-    results = {head: result | {"run": run}}
-    if head == "rp":
+    results = {name: result | {"run": run}}
+    if name == "rp":
         rec_s = _launch(
             "recover.py", ["--run", str(run)], args.ranks, out / "runs" / "recover.log", args.timeout
         )
@@ -180,9 +214,10 @@ def train_ours(head: str, folders: dict[str, Path], args: argparse.Namespace, ou
 def run(args: argparse.Namespace) -> dict:
     data, out = Path(args.data), Path(args.out)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in PEERS and s not in OURS]
+    known = (*PEERS, *OURS, *TEXT)
+    unknown = [s for s in systems if s not in known]
     if unknown:
-        raise SystemExit(f"quality: unknown systems {unknown}: expected some of {', '.join((*PEERS, *OURS))}")
+        raise SystemExit(f"quality: unknown systems {unknown}: expected some of {', '.join(known)}")
     train, test = read_xmc_csr(data / "train.txt"), read_xmc_csr(data / "test.txt")
     out.mkdir(parents=True, exist_ok=True)
     score = Scorer(train, test, args.propensity_a, args.propensity_b)
@@ -205,11 +240,18 @@ def run(args: argparse.Namespace) -> dict:
             f"quality: {folders['train']} does not hold {data / 'train.txt'}; remove {out / 'shards'}"
         )
     best_peer = max((rows[p]["P@1"] for p in rows if p in PEERS), default=None)
-    for head in ours:
-        for name, r in train_ours(head, folders, args, out).items():
-            rows[name] = {**score(r["top_k"]), "train_s": r["train_s"], "predict_s": r["predict_s"]}
+    jobs = [(head, folders, args.config, args.set, None) for head in ours]
+    texts = [s for s in systems if s in TEXT]
+    if texts:
+        text_folders = text_shards(data, out)
+        to_bow = bow_ids_of_text_labels(data, text_folders["train"])
+        jobs += [(name, text_folders, args.text_config, args.text_set, to_bow) for name in texts]
+    for system, system_folders, config, extra, to_bow in jobs:
+        for name, r in train_ours(system, system_folders, args, out, config, extra).items():
+            top = r["top_k"] if to_bow is None else np.where(r["top_k"] >= 0, to_bow[r["top_k"]], -1)
+            rows[name] = {**score(top), "train_s": r["train_s"], "predict_s": r["predict_s"]}
             rows[name]["samples_per_s"] = r["samples"] / r["train_s"]
-            if best_peer is not None and name in OURS:
+            if best_peer is not None and name in (*OURS, *TEXT):
                 rows[name]["to_best_peer_p1_s"] = _time_to(r["run"], best_peer)
             print(f"{name}: P@1 {100 * rows[name]['P@1']:.2f} in {r['train_s']:.1f} s", flush=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.data.convert import convert_dense, convert_xmc, write_synthetic
+from pipeline.data.convert import convert_dense, convert_text, convert_xmc, write_synthetic
 from pipeline.data.errors import DataError
 
 
@@ -33,6 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--labels", required=True)
     dense.add_argument("--num-labels", type=int, default=None, help="default: largest label id + 1")
     common(dense)
+    text = sub.add_parser(
+        "text",
+        help="raw-text JSON lines (.json/.jsonl, optionally .gz): XMC repository trn.json/tst.json "
+        "(title, content, target_ind) or {text, labels}: OUT/train and OUT/test",
+    )
+    text.add_argument("--train", required=True, help="training file")
+    text.add_argument("--test", default=None, help="test file (its labels must be the training file's)")
+    text.add_argument(
+        "--num-labels",
+        type=int,
+        default=None,
+        help="integer label ids: default the --label-names count, else the largest training id + 1",
+    )
+    text.add_argument(
+        "--label-names", default=None, help="integer label ids: names, one per line (line i = id i)"
+    )
+    common(text)
     syn = sub.add_parser("synthetic", help="synthetic Amazon-670K-like set: OUT/train and OUT/test")
     syn.add_argument("--num-train", type=int, default=20_000)
     syn.add_argument("--num-test", type=int, default=2_000)
@@ -56,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             manifests = {
                 "": convert_dense(args.embeddings, args.labels, args.out, num_labels=args.num_labels, **opts)
             }
+        elif args.source == "text":
+            manifests = convert_text(
+                args.train,
+                args.out,
+                test_input=args.test,
+                num_labels=args.num_labels,
+                label_names_file=args.label_names,
+                **opts,
+            )
         else:
             manifests = write_synthetic(
                 args.out,
@@ -70,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     for m in manifests.values():
-        print(
-            f"{m.path}: {m.num_samples} samples, {m.num_features} {m.feature_kind} features, "
-            f"{m.num_labels} labels, {len(m.shards)} shards"
-        )
+        features = "raw text" if m.feature_kind == "text" else f"{m.num_features} {m.feature_kind} features"
+        named = f" (names in {m.label_names_file})" if m.label_names_file else ""
+        labels = f"{m.num_labels} labels{named}"
+        print(f"{m.path}: {m.num_samples} samples, {features}, {labels}, {len(m.shards)} shards")
     return 0

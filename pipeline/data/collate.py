@@ -4,18 +4,25 @@ Every batch has exactly `batch_size` rows on every rank (model-parallel all-gath
 Rows that only fill it up are marked `valid=False`: they repeat real rows of the same batch (or of the
 previous batch, or are empty when a rank has seen no sample at all) and must be excluded from the loss
 and the metrics. BoW features come as (indices, offsets, per-sample weights) for
-`nn.EmbeddingBag(mode="sum")`; labels as CSR; a dense multi-hot matrix only on request.
+`nn.EmbeddingBag(mode="sum")`; raw texts as the model tokenizer's (input_ids, attention_mask),
+tokenized here, in the loader's workers, padded to the batch's longest row, plus the texts themselves;
+labels as CSR; a dense multi-hot matrix only on request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from pipeline.data.tokenizer import TextTokenizer
+
 # A decoded sample: (sample id, feature ids int32, values float32, labels int32) for BoW,
-# (sample id, embedding float32|float16 [d], labels int32) for dense.
+# (sample id, embedding float32|float16 [d], labels int32) for dense, (sample id, text str, labels
+# int32) for text.
 Sample = tuple
 
 
@@ -29,6 +36,9 @@ class Batch:
     feature_offsets: torch.Tensor | None = None  # int64 [B], start of each row in feature_indices, bow
     feature_weights: torch.Tensor | None = None  # float32 [nnz], bow
     dense: torch.Tensor | None = None  # float32 [B, d], dense
+    input_ids: torch.Tensor | None = None  # int64 [B, T], text: token ids, T = longest row <= max_length
+    attention_mask: torch.Tensor | None = None  # int64 [B, T], text: 1 = token, 0 = padding
+    texts: list[str] | None = None  # B raw texts (padding rows included), text
     skipped: int = 0  # bad samples dropped (bad_samples="skip") by this worker since its previous batch
 
     @property
@@ -77,8 +87,16 @@ def _cat(parts: list[np.ndarray], dtype) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts).astype(dtype, copy=False))
 
 
-def collate(rows: list[Sample], num_valid: int, kind: str, dim: int = 0, skipped: int = 0) -> Batch:
-    """Batch of `rows`, the first `num_valid` real and the rest padding."""
+def collate(
+    rows: list[Sample],
+    num_valid: int,
+    kind: str,
+    dim: int = 0,
+    skipped: int = 0,
+    tokenizer: TextTokenizer | None = None,
+) -> Batch:
+    """Batch of `rows`, the first `num_valid` real and the rest padding; kind "text" needs the
+    tokenizer (run here, so in the worker that collates)."""
     valid = torch.zeros(len(rows), dtype=torch.bool)
     valid[:num_valid] = True
     sample_ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
@@ -91,6 +109,11 @@ def collate(rows: list[Sample], num_valid: int, kind: str, dim: int = 0, skipped
         batch.feature_indices = _cat(ids, np.int64)
         batch.feature_offsets = torch.from_numpy(indptr[:-1].copy())
         batch.feature_weights = _cat([r[2] for r in rows], np.float32)
+    elif kind == "text":
+        if tokenizer is None:
+            raise ValueError("text shards need a tokenizer: model.encoder.path")
+        batch.texts = [r[1] for r in rows]
+        batch.input_ids, batch.attention_mask = tokenizer(batch.texts)
     else:
         dense = np.stack([r[1] for r in rows]) if rows else np.empty((0, dim), np.float32)
         batch.dense = torch.from_numpy(dense.astype(np.float32, copy=False))
@@ -98,10 +121,13 @@ def collate(rows: list[Sample], num_valid: int, kind: str, dim: int = 0, skipped
 
 
 def empty_sample(kind: str, dim: int) -> Sample:
-    """Stand-in for padding when a rank has no real sample to repeat: no features, no labels."""
+    """Stand-in for padding when a rank has no real sample to repeat: no features, no labels (text: the
+    empty text, which tokenizes to the special tokens alone)."""
     none_i, none_f = np.empty(0, np.int32), np.empty(0, np.float32)
     if kind == "bow":
         return (-1, none_i, none_f, none_i)
+    if kind == "text":
+        return (-1, "", none_i)
     return (-1, np.zeros(dim, np.float32), none_i)
 
 

@@ -1,9 +1,11 @@
-"""The three conversions: source -> ShardWriter -> folder of shards + manifest.json; and the
-synthetic set a run config asks for, generated when it is not there yet."""
+"""The conversions: source (XMC BoW text, dense .npy, raw-text JSON lines) -> ShardWriter -> folder
+of shards + manifest.json; and the synthetic set a run config asks for, generated when it is not there
+yet."""
 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.manifest import Manifest
 from pipeline.data.shard_writer import ShardWriter
 from pipeline.data.synthetic import SyntheticTask
+from pipeline.data.text_source import TextSource, read_names_file
 from pipeline.data.xmc_text import XMCTextReader
 
 
@@ -81,6 +84,89 @@ def convert_dense(
             label_indptr = np.concatenate([[0], np.cumsum([len(x) for x in label_lists])])
             writer.add_dense_chunk(rows, label_indptr, np.concatenate(label_lists).astype(np.int64))
         return writer.finish()
+
+
+def convert_text(
+    train_input: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    test_input: str | os.PathLike | None = None,
+    num_labels: int | None = None,
+    label_names_file: str | os.PathLike | None = None,
+    shard_size: int = 10_000,
+    block_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Manifest]:
+    """Raw-text JSON lines (see text_source; .gz accepted) -> `out_dir/train` and, with `test_input`,
+    `out_dir/test` (the layout of write_synthetic), feature_kind "text".
+
+    Label names (strings): one vocabulary from the training file, sorted by code point (reproducible:
+    independent of the file's order, the same ids for the same label set), saved as label_names.txt
+    beside both manifests; a test label outside it is an error at its file and line. Label ids
+    (integers): num_labels = `num_labels`, else the number of names in `label_names_file`, else the
+    largest training id + 1; test ids must be below it; `label_names_file` (one name per line, line i =
+    id i) is copied beside both manifests.
+
+    Two passes over the training file (labels and count, then writing), one over the test file. Both
+    sets are written inside one `with` stack: any error, in either file, leaves neither manifest.
+    """
+    train_path = str(train_input)
+    names = read_names_file(label_names_file) if label_names_file is not None else None
+    limit = num_labels if num_labels is not None else (len(names) if names is not None else None)
+    if names is not None and num_labels is not None and len(names) != num_labels:
+        raise DataError(f"{len(names)} label names but num_labels={num_labels}", file=str(label_names_file))
+    if limit is not None and limit < 1:
+        raise DataError(f"num_labels must be positive, got {limit}", file=train_path)
+    train = TextSource(train_path)
+    count, top, seen = 0, 0, set()
+    for row in train:
+        count += 1
+        if row.labels and train.label_kind == "names":
+            seen.update(row.labels)
+        elif row.labels:
+            top = max(top, max(row.labels) + 1)
+            if limit is not None:
+                train.ids(row, limit)
+    if count == 0:
+        raise DataError("empty input: no samples", file=train_path)
+    vocabulary = None
+    if train.label_kind == "names":
+        if limit is not None:
+            raise DataError(
+                "the labels are names: their vocabulary comes from this file (num_labels and a label "
+                "names file apply to integer label ids only)",
+                file=train_path,
+            )
+        names = sorted(seen)
+        vocabulary = {name: i for i, name in enumerate(names)}
+        limit = len(names)
+    elif limit is None:
+        if top == 0:
+            raise DataError("no label ids in the file: pass num_labels", file=train_path)
+        limit = top
+    kind = train.label_kind or "ids"
+    opts = dict(
+        feature_kind="text",
+        num_features=0,
+        num_labels=limit,
+        shard_size=shard_size,
+        block_size=block_size,
+        progress=progress,
+        label_names=names,
+    )
+    splits = [("train", train_path, count)]
+    if test_input is not None:
+        splits.append(("test", str(test_input), None))
+    with ExitStack() as stack:
+        writers = []
+        for split, path, total in splits:
+            writer = stack.enter_context(ShardWriter(Path(out_dir) / split, source=path, total=total, **opts))
+            source = TextSource(path, label_kind=kind, kind_from=None if split == "train" else train_path)
+            for row in source:
+                writer.add_text(source.ids(row, limit, vocabulary), row.text)
+            writer.close_shards()
+            writers.append((split, writer))
+        return {split: writer.finish() for split, writer in writers}
 
 
 def write_synthetic(

@@ -8,6 +8,8 @@ so the batch sequence is a function of (seed, epoch, world_size, num_workers, ba
 Resume: `skip_batches=k` gives the same sequence minus its first k batches; workers take over each
 other's roles (worker w plays role (w + k) % workers) so the round-robin continues where it stopped,
 and each role reads past its skipped batches without collating them.
+Text sets: each worker tokenizes its batches with the `tokenizer` (a TextTokenizer, loaded once per
+worker process); skipped batches are not tokenized.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.manifest import Manifest
 from pipeline.data.shard_reader import SegmentReader
 from pipeline.data.sources import ShardSet, resolve
+from pipeline.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,8 @@ class _EpochStream(IterableDataset):
 
 
 class ShardLoader:
-    """Iterable of Batch for one rank and epoch; `len()` is the same on every rank."""
+    """Iterable of Batch for one rank and epoch; `len()` is the same on every rank. A text set needs
+    `tokenizer` (ValueError otherwise); other sets ignore it."""
 
     def __init__(
         self,
@@ -92,9 +96,16 @@ class ShardLoader:
         bad_samples: str = "error",
         drop_last: bool = False,
         prefetch_factor: int = 4,
+        tokenizer: TextTokenizer | None = None,
     ) -> None:
+        if shard_set.manifest.feature_kind == "text" and tokenizer is None:
+            raise ValueError(
+                f"text shards need a tokenizer: model.encoder.path ({shard_set.manifest.path} holds raw "
+                "text; pass tokenizer=TextTokenizer(the model folder))"
+            )
         self.set = shard_set
         self.manifest: Manifest = shard_set.manifest
+        self.tokenizer = tokenizer if self.manifest.feature_kind == "text" else None
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.epoch, self.seed = epoch, seed
         self.num_workers = num_workers
@@ -177,7 +188,12 @@ class ShardLoader:
                 previous = rows or previous
                 return None
             batch = collate(
-                padded(rows, B, previous, kind, dim), len(rows), kind, dim, reader.skipped - reported
+                padded(rows, B, previous, kind, dim),
+                len(rows),
+                kind,
+                dim,
+                reader.skipped - reported,
+                tokenizer=self.tokenizer,
             )
             reported = reader.skipped
             previous = rows or previous
@@ -218,13 +234,15 @@ def make_loader(
     expected: tuple[int, int] | None = None,
     manifest: str | None = None,
     prefetch_factor: int = 4,
+    tokenizer: TextTokenizer | None = None,
 ) -> ShardLoader:
     """Loader of one rank's batches for one epoch.
 
     source: folder with manifest.json (local or URL), or shard URL / brace list (manifest beside the
     shards, or `manifest=`). expected: (num_features, num_labels) from the run configuration; a
     mismatch with the manifest is a DataError. Resume with the same world_size, num_workers and
-    batch_size and `skip_batches` = batches already consumed this epoch.
+    batch_size and `skip_batches` = batches already consumed this epoch. tokenizer: required for a
+    text set (its batches carry input_ids, attention_mask and texts), ignored otherwise.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -251,4 +269,5 @@ def make_loader(
         bad_samples=bad_samples,
         drop_last=drop_last,
         prefetch_factor=prefetch_factor,
+        tokenizer=tokenizer,
     )

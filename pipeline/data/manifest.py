@@ -2,7 +2,14 @@
 
 The loader plans an epoch from the manifest alone (sample counts per shard give equal batch counts per
 rank without reading any shard), and the trainer sizes its model from it. Label frequencies live in
-`label_frequencies.npy` beside it: 670K integers are too many for JSON.
+`label_frequencies.npy` beside it: 670K integers are too many for JSON. The label vocabulary, when the
+set has one, lives in `label_names.txt` (UTF-8, one name per line, line i = label id i); the
+manifest's `label_names_file` names it (null or absent: no names; manifests written before the key
+existed read as such). Raw-text sets (`feature_kind="text"`) have `num_features=0`: the model's
+tokenizer makes their features.
+
+This module is the one owner of the folder's file format: the writer and the readers of every file
+above go through it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from pipeline.data.errors import DataError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FREQUENCIES_NAME = "label_frequencies.npy"
-FeatureKind = Literal["bow", "dense"]
+LABEL_NAMES = "label_names.txt"
+FEATURE_KINDS = ("bow", "dense", "text")
+FeatureKind = Literal["bow", "dense", "text"]
 
 
 @dataclass
@@ -44,6 +53,7 @@ class Manifest:
     feature_dtype: str = "float32"
     format_version: int = FORMAT_VERSION
     source: str = ""
+    label_names_file: str | None = None  # LABEL_NAMES beside the manifest, or None: no names
     path: str = ""  # where it was read from; not stored
 
     def check(
@@ -82,6 +92,51 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     os.replace(tmp, folder / MANIFEST_NAME)
     manifest.path = str(folder / MANIFEST_NAME)
     return folder / MANIFEST_NAME
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_label_names(folder: str | os.PathLike, names: list[str]) -> Path:
+    """Write `label_names.txt` (line i = the name of label id i) under a temporary name, then rename.
+    Call it before write_manifest, so a manifest that names the file finds it complete. A name with a
+    line break (or one that is not valid Unicode) is a ValueError: it would shift every later id."""
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or "\n" in name or "\r" in name:
+            raise ValueError(f"label name {i} must be a str without line breaks, got {name!r}")
+    try:
+        data = "".join(name + "\n" for name in names).encode("utf-8")
+    except UnicodeEncodeError as exn:
+        raise ValueError(f"label names must be valid Unicode: {exn}") from None
+    path = Path(folder) / LABEL_NAMES
+    _atomic_write(path, data)
+    return path
+
+
+def read_label_names(source: str | os.PathLike | Manifest) -> list[str] | None:
+    """The label names of a converted set (a folder, a manifest path/URL or a Manifest read from
+    one): names[i] is label id i's. None when the set has none; DataError naming the file when it is
+    missing, not UTF-8, or holds another number of names than num_labels."""
+    m = source if isinstance(source, Manifest) else read_manifest(source)
+    if m.label_names_file is None:
+        return None
+    base = m.path.rsplit("/", 1)[0] if "/" in m.path else "."
+    url = f"{base}/{m.label_names_file}"
+    try:
+        text = _read_bytes(url).decode("utf-8")
+    except FileNotFoundError:
+        raise DataError("label names file is missing (the manifest names it)", file=url) from None
+    except OSError as exn:
+        raise DataError(f"cannot read label names: {exn}", file=url) from None
+    except UnicodeDecodeError as exn:
+        raise DataError(f"label names are not UTF-8 text: {exn}", file=url) from None
+    names = text.removesuffix("\n").split("\n") if text else []
+    if len(names) != m.num_labels:
+        raise DataError(f"{len(names)} label names but num_labels={m.num_labels}", file=url)
+    return names
 
 
 def _read_bytes(url: str) -> bytes:
@@ -133,12 +188,18 @@ def _from_json(doc: Any, url: str) -> Manifest:
             f"format_version {version} is not supported (this code reads {FORMAT_VERSION})", file=url
         )
     kind = need("feature_kind", str)
-    if kind not in ("bow", "dense"):
-        raise DataError(f"feature_kind must be 'bow' or 'dense', got {kind!r}", file=url)
+    if kind not in FEATURE_KINDS:
+        raise DataError(f"feature_kind must be 'bow', 'dense' or 'text', got {kind!r}", file=url)
     dims = {k: need(k, int) for k in ("num_samples", "num_features", "num_labels")}
     for k, v in dims.items():
-        if v < (0 if k == "num_samples" else 1):
+        if k == "num_features" and kind == "text":
+            if v != 0:
+                raise DataError(f"num_features must be 0 for a text set, got {v}", file=url)
+        elif v < (0 if k == "num_samples" else 1):
             raise DataError(f"{k} must be positive, got {v}", file=url)
+    names_file = doc.get("label_names_file")
+    if names_file is not None and (not isinstance(names_file, str) or not names_file or "/" in names_file):
+        raise DataError(f"field 'label_names_file' must be a file name or null, got {names_file!r}", file=url)
     shards = []
     for i, entry in enumerate(need("shards", list)):
         try:
@@ -172,5 +233,6 @@ def _from_json(doc: Any, url: str) -> Manifest:
         feature_dtype=str(doc.get("feature_dtype", "float32")),
         format_version=version,
         source=str(doc.get("source", "")),
+        label_names_file=names_file,
         path=url,
     )

@@ -7,14 +7,17 @@ checks run vectorised over a block. A plain `webdataset.WebDataset(url)` yields 
 
 Member `<key>.xmcb`, key = the block's first sample id as 10 digits. Little-endian layout:
 
-    header  magic "XMB1", crc32 of the payload (u32), kind (u32: 0 bow, 1 dense f32, 2 dense f16),
-            n samples (u32), dim (u32, dense only), reserved (u32), first sample id (u64),
-            total features (u64, bow only), total labels (u64)             -- 48 bytes
+    header  magic "XMB1", crc32 of the payload (u32), kind (u32: 0 bow, 1 dense f32, 2 dense f16,
+            3 text), n samples (u32), dim (u32, dense only), reserved (u32), first sample id (u64),
+            total features (u64, bow) or total text bytes (u64, text), total labels (u64)  -- 48 bytes
     bow     feature counts u32[n], label counts u32[n], feature ids i32[nnz], values f32[nnz], labels i32
     dense   label counts u32[n], embeddings f32|f16[n*dim], labels i32[nlab]
+    text    text byte lengths u32[n], label counts u32[n], UTF-8 bytes u8[nbytes], labels i32[nlab]
+            (the labels are not 4-byte aligned there; numpy reads them unaligned)
 
-Decoding checks magic, sizes and the checksum (a flipped byte is caught, not trained on); `bad_rows`
-checks ids against the dimensions and values for NaN/Inf.
+Decoding checks magic, sizes and the checksum (a flipped byte is caught, not trained on) and that
+texts are valid UTF-8; `bad_rows` checks ids against the dimensions, values for NaN/Inf and texts
+for emptiness.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import numpy as np
 MAGIC = b"XMB1"
 EXTENSION = "xmcb"
 HEADER = struct.Struct("<4sIIIIIQQQ")
-KIND_BOW, KIND_DENSE_F32, KIND_DENSE_F16 = 0, 1, 2
+KIND_BOW, KIND_DENSE_F32, KIND_DENSE_F16, KIND_TEXT = 0, 1, 2, 3
 DENSE_KINDS = {KIND_DENSE_F32: np.float32, KIND_DENSE_F16: np.float16}
+# the block kinds a manifest's feature_kind admits
+KINDS_OF = {"bow": (KIND_BOW,), "dense": tuple(DENSE_KINDS), "text": (KIND_TEXT,)}
 
 
 def block_key(first_id: int) -> str:
@@ -47,6 +52,7 @@ class Block:
     feat_idx: np.ndarray | None = None  # int32, bow
     feat_val: np.ndarray | None = None  # float32, bow
     dense: np.ndarray | None = None  # [n, dim] float32|float16, dense
+    texts: list[str] | None = None  # n texts, text
 
     @property
     def n(self) -> int:
@@ -95,6 +101,21 @@ def encode_dense(first_id: int, emb: np.ndarray, label_counts: np.ndarray, label
     return _pack(kind, emb.shape[0], emb.shape[1], first_id, 0, len(labels), parts)
 
 
+def encode_text(first_id: int, texts: list[str], label_counts: np.ndarray, labels: np.ndarray) -> bytes:
+    """Block of raw-text samples: `texts` (n str, stored as UTF-8) plus per-sample label counts and the
+    concatenated labels. A str that cannot be encoded as UTF-8 (a lone surrogate) raises
+    UnicodeEncodeError."""
+    raw = [t.encode("utf-8") for t in texts]
+    data = b"".join(raw)
+    parts = [
+        np.array([len(r) for r in raw], "<u4"),
+        np.asarray(label_counts, "<u4"),
+        np.frombuffer(data, np.uint8),
+        np.asarray(labels, "<i4"),
+    ]
+    return _pack(KIND_TEXT, len(texts), 0, first_id, len(data), len(labels), parts)
+
+
 def read_header(data: bytes) -> tuple[int, int, int]:
     """(kind, n, first_id) of a block, or ValueError when the header is unreadable."""
     if len(data) < HEADER.size:
@@ -102,7 +123,7 @@ def read_header(data: bytes) -> tuple[int, int, int]:
     magic, _crc, kind, n, _dim, _res, first_id, _nnz, _nlab = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"bad magic {magic!r} (expected {MAGIC!r}): not an xmc-pipeline block")
-    if kind not in (KIND_BOW, *DENSE_KINDS):
+    if kind not in (KIND_BOW, *DENSE_KINDS, KIND_TEXT):
         raise ValueError(f"unknown block kind {kind}")
     return kind, n, first_id
 
@@ -113,6 +134,8 @@ def decode(data: bytes) -> Block:
     _m, crc, _k, _n, dim, _r, _f, nnz, nlab = HEADER.unpack_from(data)
     if kind == KIND_BOW:
         sizes = [4 * n, 4 * n, 4 * nnz, 4 * nnz, 4 * nlab]
+    elif kind == KIND_TEXT:
+        sizes = [4 * n, 4 * n, nnz, 4 * nlab]
     else:
         sizes = [4 * n, np.dtype(DENSE_KINDS[kind]).itemsize * n * dim, 4 * nlab]
     if HEADER.size + sum(sizes) != len(data):
@@ -135,6 +158,19 @@ def decode(data: bytes) -> Block:
         )
         if block.feat_indptr[-1] != nnz:
             raise ValueError(f"feature counts sum to {block.feat_indptr[-1]}, header says {nnz}")
+    elif kind == KIND_TEXT:
+        text_indptr = _indptr(np.frombuffer(part[0], "<u4"))
+        if text_indptr[-1] != nnz:
+            raise ValueError(f"text lengths sum to {text_indptr[-1]}, header says {nnz} bytes")
+        raw, bounds = bytes(part[2]), text_indptr.tolist()
+        texts = []
+        for i in range(n):
+            try:
+                texts.append(raw[bounds[i] : bounds[i + 1]].decode("utf-8"))
+            except UnicodeDecodeError as exn:
+                raise ValueError(f"text of sample {first_id + i} is not valid UTF-8: {exn}") from None
+        label_counts = np.frombuffer(part[1], "<u4")
+        block = Block(first_id, _indptr(label_counts), np.frombuffer(part[3], "<i4"), texts=texts)
     else:
         label_counts = np.frombuffer(part[0], "<u4")
         dense = np.frombuffer(part[1], DENSE_KINDS[kind]).reshape(n, dim)
@@ -149,7 +185,7 @@ def _rows(indptr: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def bad_rows(block: Block, num_features: int, num_labels: int) -> dict[int, str]:
-    """Samples (row in block -> first reason) whose ids or values are invalid; empty when all good."""
+    """Samples (row in block -> first reason) whose ids, values or texts are invalid; empty when all good."""
     bad: dict[int, str] = {}
 
     def mark(rows: np.ndarray, reason: str) -> None:
@@ -167,6 +203,11 @@ def bad_rows(block: Block, num_features: int, num_labels: int) -> dict[int, str]
         finite = np.isfinite(block.dense).all(axis=1)
         if not finite.all():
             mark(np.flatnonzero(~finite), "embedding has NaN or Inf values")
+        return bad
+    if block.texts is not None:
+        empty = [i for i, t in enumerate(block.texts) if not t.strip()]
+        if empty:
+            mark(np.array(empty), "empty text")
         return bad
     idx, val = block.feat_idx, block.feat_val
     if idx.size and (idx.min() < 0 or idx.max() >= num_features):

@@ -2,8 +2,10 @@
 
 Every failure names the shard and key: an unreadable or truncated tar, a shard with fewer samples
 than its manifest entry, a block whose checksum or size is wrong, a key that does not match the
-block's position, ids outside the dimensions, NaN/Inf values. With `bad_samples="skip"` bad samples
-(and the unreadable rest of a broken shard) are counted in `skipped` instead of raising.
+block's position or whose kind is not the manifest's, ids outside the dimensions, NaN/Inf values,
+texts that are not UTF-8 or empty. With `bad_samples="skip"` bad samples (and the unreadable rest
+of a broken shard) are counted in `skipped` instead of raising. Samples are (sample id, feature ids,
+values, labels) for bow, (sample id, embedding, labels) for dense, (sample id, text, labels) for text.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class SegmentReader:
         self.set = shard_set
         self.num_features = shard_set.manifest.num_features
         self.num_labels = shard_set.manifest.num_labels
+        self.kind = shard_set.manifest.feature_kind
         self.skip_bad = bad_samples == "skip"
         self.skipped = 0
 
@@ -57,9 +60,15 @@ class SegmentReader:
                         f"unexpected member {member['fname']!r} (not .{record.EXTENSION})", shard=url, key=key
                     )
                 try:
-                    _kind, n, block_id = record.read_header(data)
+                    kind, n, block_id = record.read_header(data)
                 except ValueError as exn:
                     raise DataError(str(exn), shard=url, key=key) from None
+                if kind not in record.KINDS_OF[self.kind]:
+                    raise DataError(
+                        f"block of kind {kind} in a set whose manifest says feature_kind={self.kind!r}",
+                        shard=url,
+                        key=key,
+                    )
                 if block_id != first_id + offset or key != record.block_key(block_id):
                     raise DataError(
                         f"block of sample {block_id} found where sample {first_id + offset} "
@@ -108,6 +117,12 @@ class SegmentReader:
                 self._bad(DataError(f"sample {block.first_id + row}: {reason}", shard=url, key=key), 1)
         lp = block.label_indptr.tolist()
         labels, sid = block.labels, block.first_id
+        if block.texts is not None:
+            texts = block.texts
+            for i in range(a, b):
+                if i not in bad:
+                    yield (sid + i, texts[i], labels[lp[i] : lp[i + 1]])
+            return
         if block.dense is not None:
             dense = block.dense
             for i in range(a, b):

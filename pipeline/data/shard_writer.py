@@ -1,8 +1,11 @@
 """ShardWriter: samples in, WebDataset tar shards plus manifest.json out.
 
 Files appear atomically: a shard is written as `.shard-NNNNNN.tar.tmp` and renamed when complete, and
-manifest.json (the mark of a complete set) is written last. Any exception inside the `with` block
-removes what this run wrote, so a failed conversion never leaves output that looks complete.
+manifest.json (the mark of a complete set) is written last, after label_frequencies.npy and (with
+`label_names`) label_names.txt. Any exception inside the `with` block removes what this run wrote,
+manifest.json first (also when `finish()` had already written it: a conversion that writes two sets
+in one `with` stack leaves neither when the second fails), so a failed conversion never leaves output
+that looks complete.
 Shards are reproducible byte for byte (fixed mtime), and their sha256 goes into the manifest.
 """
 
@@ -17,7 +20,15 @@ import webdataset as wds
 
 from pipeline.data import record
 from pipeline.data.errors import DataError
-from pipeline.data.manifest import FREQUENCIES_NAME, MANIFEST_NAME, Manifest, ShardInfo, write_manifest
+from pipeline.data.manifest import (
+    FREQUENCIES_NAME,
+    LABEL_NAMES,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    write_label_names,
+    write_manifest,
+)
 from pipeline.progress import progress_bar
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -39,7 +50,11 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """Cuts samples into blocks and shards of `shard_size` samples; `finish()` writes the manifest."""
+    """Cuts samples into blocks and shards of `shard_size` samples; `finish()` writes the manifest.
+
+    feature_kind "bow" (add_bow, add_bow_chunk), "dense" (add_dense, add_dense_chunk) or "text"
+    (add_text; num_features 0). label_names: one name per label id, written as label_names.txt.
+    """
 
     def __init__(
         self,
@@ -54,17 +69,22 @@ class ShardWriter:
         source: str = "",
         total: int | None = None,
         progress: bool = True,
+        label_names: list[str] | None = None,
     ) -> None:
         if shard_size < 1 or block_size < 1:
             raise ValueError("shard_size and block_size must be positive")
+        if label_names is not None and len(label_names) != num_labels:
+            raise ValueError(f"{len(label_names)} label names for num_labels={num_labels}")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in [self.out / MANIFEST_NAME, self.out / FREQUENCIES_NAME, *self.out.glob("shard-*.tar")]:
+        stale_files = [self.out / MANIFEST_NAME, self.out / FREQUENCIES_NAME, self.out / LABEL_NAMES]
+        for stale in [*stale_files, *self.out.glob("shard-*.tar")]:
             stale.unlink(missing_ok=True)  # a half-overwritten folder must not look complete
         self.feature_kind = feature_kind
         self.num_features, self.num_labels = num_features, num_labels
         self.shard_size, self.block_size = shard_size, block_size
         self.feature_dtype, self.source = feature_dtype, source
+        self.label_names = label_names
         self.frequencies = np.zeros(num_labels, dtype=np.int64)
         self.shards: list[ShardInfo] = []
         self.written: list[Path] = []
@@ -85,6 +105,17 @@ class ShardWriter:
 
     def add_dense(self, labels: np.ndarray, embedding: np.ndarray) -> None:
         self._pending.append((labels, embedding))
+        if len(self._pending) >= self.block_size:
+            self._flush_pending()
+
+    def add_text(self, labels: np.ndarray, text: str) -> None:
+        """One raw-text sample (buffered into blocks). An empty or whitespace-only text is a DataError:
+        the reader would reject it."""
+        if not text.strip():
+            raise DataError(
+                f"empty text at sample {self.num_samples + len(self._pending)}", file=self.source or None
+            )
+        self._pending.append((labels, text))
         if len(self._pending) >= self.block_size:
             self._flush_pending()
 
@@ -128,11 +159,16 @@ class ShardWriter:
             )
 
     # -- output ------------------------------------------------------------------------------------
-    def finish(self) -> Manifest:
-        """Close the last shard and write manifest.json; returns the manifest."""
+    def close_shards(self) -> None:
+        """Write the buffered samples and close the last shard and the progress bar (no more samples);
+        `finish()` does it too. Lets a caller end this set's progress bar before writing another."""
         self._flush_pending()
         self._close_shard()
         self._bar.close()
+
+    def finish(self) -> Manifest:
+        """Close the last shard, write label_names.txt (if any), then manifest.json; returns the manifest."""
+        self.close_shards()
         if self.num_samples == 0:
             raise DataError("empty input: no samples to write", file=self.source or None)
         manifest = Manifest(
@@ -144,8 +180,12 @@ class ShardWriter:
             label_frequencies=self.frequencies,
             feature_dtype=self.feature_dtype,
             source=self.source,
+            label_names_file=None if self.label_names is None else LABEL_NAMES,
         )
-        write_manifest(self.out, manifest)
+        if self.label_names is not None:
+            self.written.append(write_label_names(self.out, self.label_names))
+        self.written.append(self.out / FREQUENCIES_NAME)
+        self.written.append(write_manifest(self.out, manifest))
         return manifest
 
     def abort(self) -> None:
@@ -154,7 +194,7 @@ class ShardWriter:
         if self._tar is not None:
             self._file.close()
             self._tar = None
-        for path in [self._tmp, *self.written]:
+        for path in [self._tmp, *reversed(self.written)]:  # manifest.json (written last) first
             if path is not None:
                 path.unlink(missing_ok=True)
 
@@ -192,6 +232,14 @@ class ShardWriter:
                 label_indptr,
                 all_labels,
             )
+        elif self.feature_kind == "text":
+            texts = [p[1] for p in pending]
+            for lo, hi in self._cuts(len(texts)):
+                l0, l1 = label_indptr[lo], label_indptr[hi]
+                block = record.encode_text(
+                    self.num_samples, texts[lo:hi], np.diff(label_indptr[lo : hi + 1]), all_labels[l0:l1]
+                )
+                self._write_block(block, hi - lo, all_labels[l0:l1])
         else:
             self.add_dense_chunk(np.stack([p[1] for p in pending]), label_indptr, all_labels)
 
