@@ -116,7 +116,8 @@ class ModelConfig(Section):
     backbone: Literal["bow", "dense", "transformer"] = Field(
         "bow",
         description="bow: EmbeddingBag over tf-idf + MLP; dense: MLP over precomputed vectors; "
-        "transformer: the `encoder` over raw-text shards, pooled, projected to embed_dim when its width differs",
+        "transformer: the `encoder` over raw-text shards, pooled, projected to embed_dim when its width "
+        "differs",
     )
     embed_dim: int = Field(256, ge=1)
     hidden_dims: list[int] = Field(

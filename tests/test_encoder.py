@@ -92,7 +92,10 @@ def test_from_scratch_projection_and_no_unused_parameters(tokens):
     assert unused == []  # the pooler is dropped: every parameter trains
     torch.manual_seed(0)
     again = TransformerBackbone.from_config(config, embed_dim=16)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokens):

@@ -15,7 +15,6 @@ from pipeline.models.heads.rp import RPHead
 from pipeline.models.text_encoder import TransformerBackbone
 from pipeline.parallel.label_range import LabelRange
 
-
 BACKBONE_DATA = {"bow": "bow", "dense": "dense", "transformer": "text"}
 """`model.backbone` -> the feature kind of the shards it reads (`Manifest.feature_kind`)."""
 
