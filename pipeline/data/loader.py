@@ -19,6 +19,7 @@ import os
 import random
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import partition
@@ -145,6 +146,10 @@ class ShardLoader:
                     num_workers=self.num_workers,
                     prefetch_factor=self.prefetch_factor,
                     persistent_workers=False,
+                    # its own generator: starting workers must not draw from the global RNG (a resumed
+                    # run would draw its dropout masks from a shifted stream); the workers' shuffles
+                    # are seeded from (seed, epoch, rank, worker) anyway
+                    generator=torch.Generator().manual_seed(self.seed),
                 )
             )
         count = 0

@@ -19,10 +19,11 @@ head's own business (`pipeline.models.heads.base.Head`); the trainer names no he
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import RunConfig, TrainConfig
-from pipeline.data import make_loader, read_manifest
+from pipeline.data import Batch, make_loader, read_manifest
 from pipeline.models.build import build_backbone, build_head, build_tokenizer
 from pipeline.models.group_batch import GroupBatch, group_batch
 from pipeline.models.heads.loss import head_loss
@@ -215,15 +216,29 @@ class Trainer:
 
     # ----- model ----------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def seeded(self, *key: int) -> Iterator[None]:
+        """Random draws (dropout) from a seed that is a function of (train.seed, step, *key) alone, then
+        the RNG as it was: a resumed run draws the same masks as an uninterrupted one, whatever else
+        used the global RNG in between (a DataLoader starting its workers draws from it)."""
+        gpus = [self.device.index] if self.device.type == "cuda" else []  # dropout there draws from its RNG
+        with torch.random.fork_rng(devices=gpus):
+            torch.manual_seed(hash((self.config.train.seed, self.position.step, *key)) & 0xFFFFFFFF)
+            yield
+
+    def group_batch(self, batch: Batch, micro: int) -> GroupBatch:
+        """This rank's batch embedded (backbone dropout seeded per rank and micro-step) and gathered over
+        the model-parallel group."""
+        g = self.grid
+        with self.seeded(micro, g.rank, -1):
+            return group_batch(self.engine, batch, g, self.config.data.batch_size, grad_scale=g.mp)
+
     def group_loss(self, group: GroupBatch, micro: int) -> torch.Tensor:
         """The head's loss over the group's gathered batch (`head_loss`: a softmax over a linear head
         is fused). Dropout inside the head draws from a seed shared by the model-parallel group, so its
         replicated layers see the same masks everywhere."""
         g = self.grid
-        gpus = [self.device.index] if self.device.type == "cuda" else []  # dropout there draws from its RNG
-        with torch.random.fork_rng(devices=gpus):
-            seed = hash((self.config.train.seed, self.position.step, micro, g.dp_rank)) & 0xFFFFFFFF
-            torch.manual_seed(seed)
+        with self.seeded(micro, g.dp_rank):
             return head_loss(self.head, group, self.config.model.loss, self.label_range, g.mp_group)
 
     # ----- one step -------------------------------------------------------------------------------
@@ -236,7 +251,7 @@ class Trainer:
         g, losses = self.grid, []
         gas = self.engine.gradient_accumulation_steps()
         for micro in range(gas):
-            group = group_batch(self.engine, next(batches), g, self.config.data.batch_size, grad_scale=g.mp)
+            group = self.group_batch(next(batches), micro)
             loss = self.group_loss(group, micro)
             if self.faults.at_step(self.position.step):
                 loss = loss * float("nan")
