@@ -1,7 +1,7 @@
 """`bench.py quality` end to end on a tiny real set: the peers and our heads side by side.
 
-The set is this machine's APT index (its smaller Packages files: -security and -updates), built by
-launch/make_debian_xmc.py in about a second: ~2,500 training rows, ~2,000 labels, 2,000 features.
+The set is the tiny real one of `tests/tiny_debian.py` (this machine's APT index, its smaller
+Packages files): ~2,500 training rows, ~2,000 labels, 2,000 features.
 The assertions check the plumbing (every system in the table, the JSON and the chart, the same
 metric code for all) and that every system learns (beats the popularity baseline), not timings.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch.make_debian_xmc import build, find_index_files
 from tests.launchers import ROOT
+from tests.tiny_debian import build_tiny_debian
 
 SYSTEMS = ["omikuji", "pecos", "napkinxc", "dense", "ffi", "rp"]
 TINY = [
@@ -36,12 +36,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny_debian(tmp_path_factory) -> Path:
-    packages, translations = find_index_files()
-    assert len(packages) >= 2, "needs the APT index (setup.sh runs `apt-get update`)"
-    smaller = sorted(packages, key=lambda f: Path(f).stat().st_size)[:-1]
-    out = tmp_path_factory.mktemp("tiny_debian")
-    build(out, index_files=smaller, translation_files=translations, max_features=2000)
-    return out
+    return build_tiny_debian(tmp_path_factory.mktemp("tiny_debian"))
 
 
 def test_quality_table_has_every_system_and_each_learns(tmp_path, tiny_debian):

