@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from pipeline.data import DataError, make_loader, read_label_names, read_text_rows, text_batches
+from pipeline.data import make_loader, read_label_names, read_text_rows, text_batches
 from pipeline.parallel.distributed import collective_device, init_distributed
 from pipeline.parallel.grid import build_grid
 from pipeline.train import checkpoint as ckpt
@@ -73,10 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"predict: {checkpoint} has a {config.model.backbone} backbone; raw text needs a transformer"
             )
         try:
-            texts, labels = (args.text, None) if args.text is not None else read_text_rows(args.input, names)
-        except DataError as e:
+            texts, labels = (
+                (args.text, None)
+                if args.text is not None
+                else read_text_rows(args.input, names, meta["num_labels"])
+            )
+            batches = text_batches(texts, model.tokenizer, batch_size, grid.rank, grid.world_size, labels)
+        except ValueError as e:  # DataError (file:line) or an empty --text
             raise SystemExit(f"predict: {e}") from None
-        batches = text_batches(texts, model.tokenizer, batch_size, grid.rank, grid.world_size, labels)
     else:
         source = args.data or config.data.test
         batches = make_loader(

@@ -243,3 +243,15 @@ def test_predict_prints_label_names_for_text_on_the_command_line(text_data, scra
         assert all(line.startswith("  ") for line in lines[at + 1 : at + 6])
         assert all(name in names and math.isfinite(float(score)) for name, score in predicted), predicted
     assert lines.index(first["text"]) < lines.index("an image editor")
+
+
+def test_predict_on_bad_raw_text_names_the_problem(tmp_path, scratch_run):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "an image editor", "labels": ["no-such-label-anywhere"]}\n')
+    for args, message in (
+        (["--text", "  "], "text 0 is empty"),
+        (["--input", str(bad)], f"{bad}:1: unknown label 'no-such-label-anywhere'"),
+    ):
+        proc = predict(["--checkpoint", str(scratch_run), *args])
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert message in proc.stderr, proc.stderr[-2000:]
