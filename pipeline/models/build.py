@@ -6,7 +6,6 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.data.tokenizer import TextTokenizer
-from pipeline.hf_folder import resolve_model_folder
 from pipeline.models.backbones import BowBackbone, DenseBackbone
 from pipeline.models.heads.base import Head
 from pipeline.models.heads.dense import DenseHead
@@ -39,7 +38,7 @@ def build_tokenizer(model: ModelConfig) -> TextTokenizer | None:
     None for backbones that read features."""
     if model.encoder is None or model.backbone != "transformer":
         return None
-    return TextTokenizer(resolve_model_folder(model.encoder.path), model.encoder.max_length)
+    return TextTokenizer(model.encoder.path, model.encoder.max_length)  # it resolves pkg: itself
 
 
 HEADS: dict[str, type] = {"dense": DenseHead, "ffi": FFIHead, "rp": RPHead}
