@@ -14,7 +14,7 @@ import sys
 
 from pipeline.data import DataError
 
-SUITES = ("data", "ffi", "mp", "quality", "rp")
+SUITES = ("bag", "data", "ffi", "mp", "quality", "rp")
 
 
 def load_suite(name: str):

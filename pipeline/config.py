@@ -131,6 +131,14 @@ class ModelConfig(Section):
         "PSP@5 above softmax); softmax: multi-label targets normalised per sample; squared_hinge",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="after every hidden ReLU of the backbone")
+    sparse_bag: bool = Field(
+        True,
+        description="bow backbone: its EmbeddingBag table trains outside the DeepSpeed engine, replicated "
+        "on every rank; only the rows a step touches are exchanged (all-gathered, averaged over all ranks) "
+        "and updated by a lazy Adam at backbone_lr's schedule, and DeepSpeed's gradient clipping leaves "
+        "the table out (pipeline/models/sparse_bag.py); false: the table is an ordinary engine parameter "
+        "(dense gradient all-reduce, Adam over every row). Ignored by the other backbones",
+    )
     prior_bias: bool = Field(
         True,
         description="start the output biases at the labels' training priors (bce: log-odds, softmax: log "

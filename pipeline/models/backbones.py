@@ -1,13 +1,19 @@
 """Backbones: what turns a sample's features into the d-dimensional embedding the output layer scores.
 
 Both run inside the DeepSpeed engine, replicated on every rank (ZeRO partitions their optimizer
-state, gradients or parameters by stage).
+state, gradients or parameters by stage). With `model.sparse_bag` the bag-of-words table leaves the
+engine (`BowBackbone.use_external_bag`, `pipeline.models.sparse_bag`); the rest stays in it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+BagFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(indices [nnz], offsets [B], per-sample weights [nnz]) -> bag sums [B, width]."""
 
 
 def mlp(dims: list[int], dropout: float = 0.0) -> nn.Sequential:
@@ -27,6 +33,9 @@ class BowBackbone(nn.Module):
     The EmbeddingBag is the first (and by far the largest) layer; it never materialises the
     num_features-wide input. `dropout` follows every hidden ReLU (on tf-idf data with ~50k samples a
     1024-wide bag overfits without it).
+
+    State dict keys: `bag.weight` [num_features, width], `bag_bias`, `mlp.*` (also when the bag is
+    external: the checkpoint merges the external table back in under `bag.weight`).
     """
 
     def __init__(
@@ -44,6 +53,15 @@ class BowBackbone(nn.Module):
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         h = self.bag(indices, offsets, per_sample_weights=weights) + self.bag_bias
         return self.mlp(self.hidden(h))
+
+    def use_external_bag(self, bag: BagFn) -> None:
+        """Compute the bag sums [B, width] with `bag(indices, offsets, weights)` from now on; the own
+        EmbeddingBag is removed. `bag` is held as a plain attribute, not a submodule: its table is no
+        parameter, buffer or state_dict entry of this module, so a DeepSpeed engine over this module
+        neither reduces, steps, casts, partitions nor saves it (its owner does: `SparseBag`). The MLP
+        and `bag_bias` stay, so the engine keeps parameters."""
+        del self.bag
+        self.__dict__["bag"] = bag
 
 
 class DenseBackbone(nn.Module):

@@ -2,7 +2,12 @@
 
 Layout of one checkpoint, `<output_dir>/checkpoints/step00000100/`:
     backbone/            DeepSpeed's own checkpoint of the backbone engine (tag `backbone`)
-    backbone.pt          the backbone's full weights (rank 0), so inference runs at any world size
+    backbone.pt          the backbone's full weights (rank 0), so inference runs at any world size;
+                         with a sparse bag (`model.sparse_bag`) the table outside the engine is merged
+                         in as `bag.weight`, so the file is the same as without it
+    sparse_bag.pt        only with a sparse bag (rank 0, the table is replicated): its lazy-Adam state
+                         (`exp_avg`, `exp_avg_sq`, `row_steps`); the table itself is `bag.weight` of
+                         backbone.pt, stored once
     head/rank00003.pt    one per rank: its head shard, head optimizer state (by parameter name), RNG
                          states, and what the trainer adds (scheduler, exchange residuals, data position)
     meta.json            written last; step, world size, model-parallel size, what the caller adds
@@ -36,8 +41,11 @@ from pipeline.config import RunConfig, load_config
 from pipeline.data import Manifest, read_manifest
 from pipeline.data.tokenizer import TextTokenizer
 from pipeline.models.build import build_backbone, build_head, build_tokenizer, sharded_state_keys
+from pipeline.models.sparse_bag import SparseBag
 from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.label_range import LabelRange, split_labels
+
+SPARSE_BAG = "sparse_bag.pt"
 
 BackboneWriter = Callable[[Path], None]
 """Writes `backbone/` and `backbone.pt` into a checkpoint folder; called on every rank (may be a
@@ -113,9 +121,11 @@ def head_shard(head: nn.Module, optimizer: torch.optim.Optimizer | None, **extra
     return {"head": head.state_dict(), "optimizer": by_name, "rng": rng_state(), **extra}
 
 
-def engine_backbone(engine) -> BackboneWriter:
+def engine_backbone(engine, bag: SparseBag | None = None) -> BackboneWriter:
     """The backbone of a DeepSpeed engine: its own checkpoint, and the full weights on rank 0 (a
-    collective under ZeRO-3, where parameters are partitioned)."""
+    collective under ZeRO-3, where parameters are partitioned). With `bag` (the table outside the
+    engine, identical on every rank) rank 0 merges its table into the full weights as `bag.weight` and
+    writes its optimizer state to `sparse_bag.pt`."""
 
     def write(folder: Path) -> None:
         engine.save_checkpoint(str(folder / "backbone"), tag="backbone", save_latest=False)
@@ -124,6 +134,10 @@ def engine_backbone(engine) -> BackboneWriter:
         else:
             weights = engine.module.state_dict() if dist.get_rank() == 0 else None
         if dist.get_rank() == 0:
+            if bag is not None:
+                state = {k: v.cpu() for k, v in bag.state_dict().items()}
+                weights = {"bag.weight": state.pop("weight"), **weights}  # the key order of a plain backbone
+                _atomic_save(state, folder / SPARSE_BAG)
             _atomic_save(weights, folder / "backbone.pt")
 
     return write
@@ -136,6 +150,8 @@ def copied_backbone(source: Path) -> BackboneWriter:
         if dist.get_rank() == 0:
             shutil.copytree(source / "backbone", folder / "backbone")
             shutil.copy2(source / "backbone.pt", folder / "backbone.pt")
+            if (source / SPARSE_BAG).is_file():
+                shutil.copy2(source / SPARSE_BAG, folder / SPARSE_BAG)
 
     return write
 
@@ -227,9 +243,21 @@ def restore_head(head: nn.Module, optimizer: torch.optim.Optimizer | None, state
         optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in entry.items()}
 
 
-def load_backbone_engine(engine, path: Path) -> None:
-    """The DeepSpeed checkpoint of the backbone (parameters, optimizer, scheduler) into `engine`."""
+def load_backbone_engine(engine, path: Path, bag: SparseBag | None = None) -> None:
+    """The DeepSpeed checkpoint of the backbone (parameters, optimizer, scheduler) into `engine`, and
+    with `bag` the table (`bag.weight` of backbone.pt) and its lazy-Adam state into `bag`. A checkpoint
+    written with the other `model.sparse_bag` setting is refused (its engine holds other parameters)."""
+    written_sparse = (path / SPARSE_BAG).is_file()
+    if written_sparse != (bag is not None):
+        raise CheckpointError(
+            f"{path} was written with model.sparse_bag={str(written_sparse).lower()}, this run has "
+            f"model.sparse_bag={str(bag is not None).lower()}: resume with the same setting"
+        )
     engine.load_checkpoint(str(path / "backbone"), tag="backbone")
+    if bag is not None:
+        full = torch.load(path / "backbone.pt", map_location="cpu", weights_only=True, mmap=True)
+        moments = torch.load(path / SPARSE_BAG, map_location="cpu", weights_only=True)
+        bag.load_state_dict({"weight": full["bag.weight"], **moments})
 
 
 @dataclass

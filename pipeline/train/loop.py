@@ -6,7 +6,8 @@ One step on one rank:
      for its label range; the distributed loss over the full label set is the same on every rank of
      the group;
   3. `engine.backward` runs both graphs: DeepSpeed reduces the backbone's gradients over all ranks,
-     the head's stay local;
+     the head's stay local; with `model.sparse_bag` the bag-of-words table is outside the engine and
+     only its touched rows are averaged over all ranks (`pipeline.models.sparse_bag`);
   4. head gradients: replicated head parameters are summed over the model-parallel group, then every
      head gradient is averaged over the data-parallel replicas through Horovod (with compression);
   5. both optimizers step on the same schedule.
@@ -38,6 +39,7 @@ from pipeline.models.build import build_backbone, build_head, build_tokenizer
 from pipeline.models.group_batch import GroupBatch, group_batch
 from pipeline.models.heads.loss import head_loss
 from pipeline.models.heads.prior import set_prior_bias
+from pipeline.models.sparse_bag import SparseBag
 from pipeline.parallel.distributed import collective_device
 from pipeline.parallel.gradient_exchange import GradientExchange
 from pipeline.parallel.grid import ProcessGrid
@@ -149,6 +151,9 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(config.train.seed)  # identical backbone and replicated head parts everywhere
         backbone = build_backbone(config.model, m.feature_kind, m.num_features)
+        # The bag's table leaves the engine (same initial values): row-sparse exchange and lazy Adam.
+        sparse = config.model.sparse_bag and config.model.backbone == "bow"
+        self.bag: SparseBag | None = SparseBag.take_from(backbone) if sparse else None
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
         if config.model.prior_bias:
             set_prior_bias(self.head, m.label_frequencies, m.num_samples, config.model.loss)
@@ -157,6 +162,7 @@ class Trainer:
         self.total_steps = total_steps(config.train, m.num_samples, self.samples_per_step)
         total, warmup = self.total_steps, config.train.warmup_steps
         schedule = lambda step: lr_factor(step, warmup, total)  # noqa: E731
+        self.schedule = schedule
         groups, factors = backbone_param_groups(backbone, config.train, total)
         backbone_opt = backbone_optimizer(groups, ds_config)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -170,6 +176,9 @@ class Trainer:
         # GPU under nccl (next to the DeepSpeed backbone), else the CPU.
         self.device = collective_device()
         self.head.to(self.device)
+        if self.bag is not None:  # at the other backbone parameters' peak rate and warm-up/cosine factor
+            self.bag.to(self.device)
+            self.bag_lr = config.train.backbone_lr or config.train.lr
         # Fused Adam: one pass over each (C_local x ...) tensor instead of several, which matters at
         # 10^6 labels. Its coupled weight decay adds lambda * w to the gradient (of (lambda/2)||w||^2).
         self.head_optimizer = torch.optim.Adam(
@@ -260,6 +269,8 @@ class Trainer:
             if flag.item():
                 self.engine.optimizer.zero_grad()
                 self.head_optimizer.zero_grad(set_to_none=True)
+                if self.bag is not None:
+                    self.bag.zero_grad()
                 self.engine.micro_steps += gas - micro  # DeepSpeed counts micro-steps to find boundaries
                 return float("nan"), False
             self.engine.backward(loss)
@@ -269,6 +280,8 @@ class Trainer:
         sum_replicated_grads(self.head.replicated_parameters(), g.mp_group)
         self.exchange.after_backward()
         self.engine.step()
+        if self.bag is not None:
+            self.bag.step(self.bag_lr * self.schedule(self.position.step))
         self.head_optimizer.step()
         self.head_scheduler.step()
         self.head_optimizer.zero_grad(set_to_none=True)
@@ -317,7 +330,7 @@ class Trainer:
             ckpt.checkpoint_root(self.out),
             self.position.step,
             self.grid,
-            ckpt.engine_backbone(self.engine),
+            ckpt.engine_backbone(self.engine, self.bag),
             shard,
             {"num_labels": self.num_labels, "head": self.config.model.head},
             keep=self.config.train.keep_checkpoints,
@@ -337,7 +350,7 @@ class Trainer:
                 f"{path} holds a {meta['head']} head over {meta['num_labels']} labels, the config asks for "
                 f"a {self.config.model.head} head over {self.num_labels}"
             )
-        ckpt.load_backbone_engine(self.engine, path)
+        ckpt.load_backbone_engine(self.engine, path, self.bag)
         state = ckpt.load_rank_state(path, self.grid, self.head)
         ckpt.restore_head(self.head, self.head_optimizer, state)
         if state["own"]:
