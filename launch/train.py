@@ -28,10 +28,12 @@ from pathlib import Path
 import torch.distributed
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
-from pipeline.parallel.distributed import detect_launcher, env_rank, init_distributed
+from pipeline.parallel.distributed import Peer, detect_launcher, env_rank, init_distributed
 from pipeline.parallel.grid import GridError, Layout, build_grid
 from pipeline.parallel.horovod import init_horovod, shutdown_horovod
+from pipeline.parallel.peer_watch import PeerWatch, describe, name_peers_in
 from pipeline.parallel.selfcheck import run_self_check
+from pipeline.parallel.shared_files import check_same_files, check_shared_folder
 from pipeline.train.faults import FaultInjector
 
 
@@ -73,21 +75,29 @@ def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
         save_config(config, out / "config.json")
     faults = FaultInjector.from_env(grid.rank)
     faults.at_start()
-    report = run_self_check(grid) | {"launcher": launch.launcher, "horovod_controller": controller}
+    report = run_self_check(grid, launch.peers[grid.rank]) | {
+        "launcher": launch.launcher,
+        "horovod_controller": controller,
+    }
+    check_shared_folder(out, "train.output_dir", launch.peers)
     (out / "selfcheck").mkdir(parents=True, exist_ok=True)
     (out / "selfcheck" / f"rank{grid.rank}.json").write_text(json.dumps(report) + "\n")
     if grid.rank == 0:
         print(
-            f"self-check ok: {grid.world_size} ranks ({grid.dp} dp x {grid.mp} mp) via {launch.launcher}, "
-            f"horovod over {controller}",
+            f"self-check ok: {grid.world_size} ranks ({grid.dp} dp x {grid.mp} mp) via {launch.launcher} "
+            f"on {describe(launch.peers)}, horovod over {controller}",
             flush=True,
         )
+    watch = PeerWatch(launch.peers, grid.rank, config.parallel.peer_timeout_s).start()
     if not check_only:
-        train(config, grid, resume, faults)
+        train(config, grid, resume, faults, launch.peers)
+    watch.stop()
     shutdown_horovod()
 
 
-def train(config: RunConfig, grid, resume: str | None, faults: FaultInjector) -> None:
+def train(
+    config: RunConfig, grid, resume: str | None, faults: FaultInjector, peers: tuple[Peer, ...]
+) -> None:
     from pipeline.data import ensure_synthetic
     from pipeline.train import checkpoint
     from pipeline.train.loop import Trainer
@@ -95,6 +105,7 @@ def train(config: RunConfig, grid, resume: str | None, faults: FaultInjector) ->
     if grid.rank == 0:
         ensure_synthetic(config.data.train, config.data.synthetic)
     torch.distributed.barrier()
+    check_same_files({"data.train": config.data.train, "data.test": config.data.test}, "manifest.json", peers)
     trainer = Trainer(config, grid, faults)
     if resume:
         path = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.train.output_dir))
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # name the rank, then take the whole job down rather than hang it
         if isinstance(e, SystemExit) and not e.code:
             raise
-        print(f"[rank {env_rank()}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        why = f"{type(e).__name__}: {e}{name_peers_in(str(e))}"
+        print(f"[rank {env_rank()}] failed: {why}", file=sys.stderr, flush=True)
         traceback.print_exc()
         sys.stderr.flush()
         if detect_launcher() == "mpi":

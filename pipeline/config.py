@@ -159,6 +159,13 @@ class ParallelConfig(Section):
     compression: Literal["none", "fp16", "bf16", "topk"] = "none"
     topk_fraction: float = Field(0.01, gt=0.0, le=1.0)
     sync_every: int = Field(1, ge=1, description="average head parameters every N steps (local SGD if > 1)")
+    peer_timeout_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="a rank whose heartbeat has not reached rank 0's store for this long (its host died or "
+        "its link is down) ends the job on every rank with a message naming it (pipeline/parallel/"
+        "peer_watch.py); 0: off, and a cut link then waits for the 300 s collective timeout",
+    )
 
 
 class TrainConfig(Section):

@@ -10,8 +10,10 @@ The backend is gloo on CPU and nccl when CUDA is available.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +22,20 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from pipeline.parallel.network import Route, external_addrs, probe_tcp, resolve, route_to
+
 Launcher = Literal["deepspeed", "mpi", "single"]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where one rank runs: its host name, its address toward the rendezvous host and the interface
+    its Gloo traffic uses."""
+
+    rank: int
+    host: str
+    addr: str
+    iface: str
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,12 @@ class LaunchInfo:
     world_size: int
     local_rank: int
     local_size: int
+    peers: tuple[Peer, ...]  # by rank
+
+    @property
+    def hosts(self) -> list[str]:
+        """Distinct host names in rank order."""
+        return list(dict.fromkeys(p.host for p in self.peers))
 
 
 def detect_launcher() -> Launcher:
@@ -54,22 +75,72 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mpi_rendezvous() -> None:
+class RendezvousError(RuntimeError):
+    """The ranks cannot meet: an address that is loopback across hosts, or that some rank cannot
+    reach; the message names the address and the ranks."""
+
+
+def _toward_other_host(table: list[tuple[str, list[str]]]) -> str:
+    """Rank 0's address on the route to the first rank on another host (MPI rendezvous)."""
+    for host, addrs in table:
+        if host == table[0][0]:
+            continue
+        for addr in addrs:
+            route = route_to(addr)
+            if not route.loopback:
+                return route.local_addr
+        raise RendezvousError(
+            f"rank 0 on {table[0][0]} finds no route to {host} (its addresses: {addrs or 'none'}); "
+            "set MASTER_ADDR to an address of rank 0's host that every host reaches"
+        )
+    raise AssertionError("a single host")
+
+
+def _mpi_rendezvous(probe_timeout_s: float = 10.0) -> None:
+    """Rank 0 picks the address and port of torch's store and broadcasts them over MPI.
+
+    On several hosts the address is never a loopback one: it is MASTER_ADDR when given, else rank 0's
+    address on its route to another host. Before anyone waits on it, every rank on another host
+    connects once to a probe socket rank 0 opened there; a rank that cannot (wrong address, firewall,
+    a cut link) makes every rank fail at once, naming the address and the ranks, instead of a silent
+    wait for torch's store timeout."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    hosts = comm.allgather(socket.gethostname())
+    table = comm.allgather((socket.gethostname(), external_addrs()))
+    hosts = [host for host, _ in table]
+    multi_host = len(set(hosts)) > 1
+    probe = None
     if comm.rank == 0:
         if "MASTER_ADDR" in os.environ:
             addr = os.environ["MASTER_ADDR"]
-        elif len(set(hosts)) == 1:
-            addr = "127.0.0.1"
         else:
-            addr = socket.gethostbyname(socket.gethostname())
+            addr = _toward_other_host(table) if multi_host else "127.0.0.1"
         port = os.environ.get("MASTER_PORT") or str(_free_port())
+        if multi_host:
+            probe = socket.create_server(("", 0))
+        sent = (addr, port, probe.getsockname()[1] if probe else 0)
     else:
-        addr = port = None
-    addr, port = comm.bcast((addr, port), root=0)
+        sent = None
+    addr, port, probe_port = comm.bcast(sent, root=0)
+    if multi_host:
+        reason = None
+        if hosts[comm.rank] != hosts[0]:
+            target = resolve(addr)
+            if ipaddress.ip_address(target).is_loopback:
+                reason = f"{addr} is {target}, a loopback address, on this host"
+            else:
+                reason = probe_tcp(target, probe_port, probe_timeout_s)
+        reasons = comm.allgather(reason)
+        if probe is not None:
+            probe.close()
+        failed = [f"rank {r} on {hosts[r]}: {why}" for r, why in enumerate(reasons) if why]
+        if failed:
+            raise RendezvousError(
+                f"rendezvous address {addr} (rank 0 on {hosts[0]}) is not reachable from "
+                + "; ".join(failed)
+                + ". Set MASTER_ADDR (mpirun -x MASTER_ADDR=...) to an address of that host the others reach"
+            )
     local_rank = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK") or str(
         hosts[: comm.rank].count(hosts[comm.rank])
     )
@@ -81,6 +152,50 @@ def _mpi_rendezvous() -> None:
         MASTER_ADDR=addr,
         MASTER_PORT=port,
     )
+
+
+def _spans_hosts() -> bool:
+    """Whether the launched world has ranks on other hosts, from the launcher's variables (before any
+    collective): WORLD_SIZE larger than the ranks started on this host."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    return local is not None and int(local) < int(os.environ["WORLD_SIZE"])
+
+
+def _choose_gloo_iface() -> Route:
+    """Point torch's Gloo at the interface that reaches MASTER_ADDR (GLOO_SOCKET_IFACE, unless the
+    user set it). Left alone, Gloo binds to the address of this host's name, 127.0.1.1 under a stock
+    Debian /etc/hosts, and ranks on other hosts then wait on an address they cannot reach."""
+    addr = os.environ["MASTER_ADDR"]
+    route = route_to(addr)
+    if route.loopback and _spans_hosts():
+        raise RendezvousError(
+            f"MASTER_ADDR={addr} is {route.target} on {socket.gethostname()}, a loopback address, but "
+            f"the job has ranks on other hosts (WORLD_SIZE {os.environ['WORLD_SIZE']}): they cannot reach "
+            f"it. Give the address other hosts use (deepspeed --master_addr), or fix /etc/hosts (Debian's "
+            f"'127.0.1.1 {socket.gethostname()}' line)"
+        )
+    os.environ.setdefault("GLOO_SOCKET_IFACE", route.iface)
+    return route
+
+
+def _wait_for_store(addr: str, port: int, deadline_s: float) -> None:
+    """On ranks other than 0 under a launcher that gives the address (deepspeed, torchrun): fail fast
+    when torch's store at addr:port cannot be reached. A refused connection (rank 0 not listening yet)
+    is retried until `deadline_s`; no route, a time-out or a loopback target on another host fail at
+    once. torch's own client would retry silently until the process-group timeout."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        reason = probe_tcp(addr, port, 5.0)
+        if reason is None:
+            return
+        refused = "refused" in reason.lower()
+        if not refused or time.monotonic() > deadline:
+            raise RendezvousError(
+                f"rank {os.environ['RANK']} on {socket.gethostname()} cannot reach the rendezvous "
+                f"store at {addr}:{port} (MASTER_ADDR:MASTER_PORT): {reason}"
+                + (f" for {deadline_s:.0f} s: is rank 0 up?" if refused else "")
+            )
+        time.sleep(0.5)
 
 
 def _unlink_deepspeed_shm() -> None:
@@ -103,14 +218,19 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 300.0) -> LaunchInfo:
-    """Initialise the default process group (through DeepSpeed, so its engines share it)."""
+def init_distributed(timeout_s: float = 300.0, store_wait_s: float = 60.0) -> LaunchInfo:
+    """Initialise the default process group (through DeepSpeed, so its engines share it) and learn
+    where every rank runs (`LaunchInfo.peers`). `timeout_s`: of every collective; `store_wait_s`: how
+    long a rank on another host waits for rank 0's store to listen before failing."""
     launcher = detect_launcher()
     if launcher == "mpi":
         _mpi_rendezvous()
     elif launcher == "single":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    route = _choose_gloo_iface()
+    if os.environ["RANK"] != "0" and _spans_hosts():
+        _wait_for_store(route.target, int(os.environ["MASTER_PORT"]), store_wait_s)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -119,11 +239,10 @@ def init_distributed(timeout_s: float = 300.0) -> LaunchInfo:
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     _unlink_deepspeed_shm()
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
-    if not local_size:  # the deepspeed launcher does not export it: count ranks on this host
-        hosts: list[str] = [""] * dist.get_world_size()
-        dist.all_gather_object(hosts, socket.gethostname())
-        local_size = hosts.count(socket.gethostname())
+    me = Peer(dist.get_rank(), socket.gethostname(), route.local_addr, os.environ["GLOO_SOCKET_IFACE"])
+    peers: list[Peer | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, me)
+    local_size = sum(p.host == me.host for p in peers)
     return LaunchInfo(
-        launcher, dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), local_size
+        launcher, me.rank, dist.get_world_size(), int(os.environ["LOCAL_RANK"]), local_size, tuple(peers)
     )

@@ -9,13 +9,13 @@ guarantee; we check rank and size agree afterwards.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 
 import torch.distributed as dist
 
 from pipeline.parallel.grid import Layout
+from pipeline.parallel.network import route_to
 
 _rendezvous_server = None  # rank 0 keeps Horovod's rendezvous server alive for the whole run
 _dp_process_set = None  # Horovod's process set of this rank's data-parallel group
@@ -38,17 +38,7 @@ def _gloo_iface(rendezvous_addr: str, single_host: bool) -> str:
     """The network interface that reaches the rendezvous address ('lo' on a single host)."""
     if "HOROVOD_GLOO_IFACE" in os.environ:
         return os.environ["HOROVOD_GLOO_IFACE"]
-    if single_host:
-        return "lo"
-    import psutil
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((socket.gethostbyname(rendezvous_addr), 1))  # UDP connect sends nothing
-        local_ip = ipaddress.ip_address(s.getsockname()[0])
-    for iface, addrs in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and ipaddress.ip_address(a.address) == local_ip for a in addrs):
-            return iface
-    raise RuntimeError(f"no network interface holds {local_ip}; set HOROVOD_GLOO_IFACE")
+    return "lo" if single_host else route_to(rendezvous_addr).iface
 
 
 def _gloo_rendezvous() -> None:
@@ -117,6 +107,14 @@ def dp_process_set():
     if _dp_process_set is None:
         raise RuntimeError("init_horovod() has not run")
     return _dp_process_set
+
+
+def horovod_iface() -> str:
+    """The interface Horovod's traffic uses: the Gloo one we chose, or under MPI what OpenMPI was told
+    (`OMPI_MCA_btl_tcp_if_include`) or 'mpi-default' (OpenMPI's TCP transport: every non-loopback one)."""
+    if "HOROVOD_GLOO_IFACE" in os.environ:
+        return os.environ["HOROVOD_GLOO_IFACE"]
+    return os.environ.get("OMPI_MCA_btl_tcp_if_include", "mpi-default")
 
 
 def shutdown_horovod() -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.parallel.distributed import collective_device
+from pipeline.parallel.distributed import Peer, collective_device
 from pipeline.parallel.grid import ProcessGrid
+from pipeline.parallel.horovod import horovod_iface
 
 
 class SelfCheckError(RuntimeError):
@@ -25,7 +26,9 @@ def _expect(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
         raise SelfCheckError(f"self-check {name}: got {got.tolist()}, expected {want.tolist()}")
 
 
-def run_self_check(grid: ProcessGrid) -> dict[str, Any]:
+def run_self_check(grid: ProcessGrid, me: Peer) -> dict[str, Any]:
+    """Check every path on this rank (collective); returns this rank's report: where it runs (`me`:
+    host, address, the interface of its Gloo traffic and of Horovod's), grid place, results."""
     import horovod.torch as hvd
 
     rank, world = grid.rank, grid.world_size
@@ -55,6 +58,10 @@ def run_self_check(grid: ProcessGrid) -> dict[str, Any]:
 
     return {
         "rank": rank,
+        "host": me.host,
+        "addr": me.addr,
+        "gloo_iface": me.iface,
+        "horovod_iface": horovod_iface(),
         "world_size": world,
         "horovod_rank": hvd.rank(),
         "horovod_size": hvd.size(),
