@@ -18,6 +18,15 @@ if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
   apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
 fi
 
+# The test cluster (tests/cluster.py: hosts in network namespaces): sshd on each host, pdsh for
+# DeepSpeed's multi-node runner, ip/nsenter/unshare.
+if ! command -v pdsh >/dev/null || [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null || ! command -v nsenter >/dev/null || ! command -v ip >/dev/null; then
+  log "apt-get install openssh-server openssh-client pdsh iproute2 util-linux"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq openssh-server openssh-client pdsh iproute2 util-linux >/dev/null
+fi
+
 # The package index with English long descriptions: the real data set of the quality benchmark
 # (launch/make_debian_xmc.py) is built from it. Read from the local lists, never downloaded at run time.
 if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || ! ls /var/lib/apt/lists/*Translation-en* >/dev/null 2>&1; then

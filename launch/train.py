@@ -85,7 +85,7 @@ def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
     if grid.rank == 0:
         print(
             f"self-check ok: {grid.world_size} ranks ({grid.dp} dp x {grid.mp} mp) via {launch.launcher} "
-            f"on {describe(launch.peers)}, horovod over {controller}",
+            f"on {len(launch.hosts)} host(s) ({describe(launch.peers)}), horovod over {controller}",
             flush=True,
         )
     watch = PeerWatch(launch.peers, grid.rank, config.parallel.peer_timeout_s).start()

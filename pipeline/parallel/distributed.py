@@ -22,7 +22,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from pipeline.parallel.network import Route, external_addrs, probe_tcp, resolve, route_to
+from pipeline.parallel.network import (
+    Route,
+    external_addrs,
+    interface_of,
+    probe_tcp,
+    resolve,
+    route_to,
+)
 
 Launcher = Literal["deepspeed", "mpi", "single"]
 
@@ -164,9 +171,16 @@ def _spans_hosts() -> bool:
 def _choose_gloo_iface() -> Route:
     """Point torch's Gloo at the interface that reaches MASTER_ADDR (GLOO_SOCKET_IFACE, unless the
     user set it). Left alone, Gloo binds to the address of this host's name, 127.0.1.1 under a stock
-    Debian /etc/hosts, and ranks on other hosts then wait on an address they cannot reach."""
+    Debian /etc/hosts, and ranks on other hosts then wait on an address they cannot reach. On rank 0's
+    host MASTER_ADDR may itself resolve to 127.0.1.1; the host's only external address is taken then,
+    and with several the job stops asking for the address or GLOO_SOCKET_IFACE."""
     addr = os.environ["MASTER_ADDR"]
     route = route_to(addr)
+    external = external_addrs()
+    if route.loopback and _spans_hosts() and len(external) == 1:
+        # This is rank 0's host and its name maps to 127.0.1.1 here; the other hosts resolve it to
+        # its real address. With one external address, that is the one they reach.
+        route = Route(route.target, external[0], interface_of(external[0]))
     if route.loopback and _spans_hosts():
         raise RendezvousError(
             f"MASTER_ADDR={addr} is {route.target} on {socket.gethostname()}, a loopback address, but "

@@ -15,7 +15,6 @@ import socket
 import torch.distributed as dist
 
 from pipeline.parallel.grid import Layout
-from pipeline.parallel.network import route_to
 
 _rendezvous_server = None  # rank 0 keeps Horovod's rendezvous server alive for the whole run
 _dp_process_set = None  # Horovod's process set of this rank's data-parallel group
@@ -34,11 +33,13 @@ def _host_plan(hosts: list[str]) -> str:
     return ",".join(f"{h}:{hosts.count(h)}" for h in order)
 
 
-def _gloo_iface(rendezvous_addr: str, single_host: bool) -> str:
-    """The network interface that reaches the rendezvous address ('lo' on a single host)."""
+def _gloo_iface(single_host: bool) -> str:
+    """Horovod's Gloo interface: HOROVOD_GLOO_IFACE if given, else 'lo' on a single host, else the one
+    torch's Gloo uses (GLOO_SOCKET_IFACE, chosen by `init_distributed` from the route to the other
+    hosts; its first entry when it lists several)."""
     if "HOROVOD_GLOO_IFACE" in os.environ:
         return os.environ["HOROVOD_GLOO_IFACE"]
-    return "lo" if single_host else route_to(rendezvous_addr).iface
+    return "lo" if single_host else os.environ["GLOO_SOCKET_IFACE"].split(",")[0]
 
 
 def _gloo_rendezvous() -> None:
@@ -65,7 +66,7 @@ def _gloo_rendezvous() -> None:
         HOROVOD_GLOO_RENDEZVOUS_PORT=str(port[0]),
         HOROVOD_CONTROLLER="gloo",
         HOROVOD_CPU_OPERATIONS="gloo",
-        HOROVOD_GLOO_IFACE=_gloo_iface(addr, single_host),
+        HOROVOD_GLOO_IFACE=_gloo_iface(single_host),
         HOROVOD_HOSTNAME=slot.hostname,
         HOROVOD_RANK=str(slot.rank),
         HOROVOD_SIZE=str(slot.size),
