@@ -169,11 +169,11 @@ def _spans_hosts() -> bool:
 
 
 def _choose_gloo_iface() -> Route:
-    """Point torch's Gloo at the interface that reaches MASTER_ADDR (GLOO_SOCKET_IFACE, unless the
+    """Point torch's Gloo at the interface that reaches MASTER_ADDR (GLOO_SOCKET_IFNAME, unless the
     user set it). Left alone, Gloo binds to the address of this host's name, 127.0.1.1 under a stock
     Debian /etc/hosts, and ranks on other hosts then wait on an address they cannot reach. On rank 0's
     host MASTER_ADDR may itself resolve to 127.0.1.1; the host's only external address is taken then,
-    and with several the job stops asking for the address or GLOO_SOCKET_IFACE."""
+    and with several the job stops asking for the address or GLOO_SOCKET_IFNAME."""
     addr = os.environ["MASTER_ADDR"]
     route = route_to(addr)
     external = external_addrs()
@@ -188,8 +188,21 @@ def _choose_gloo_iface() -> Route:
             f"it. Give the address other hosts use (deepspeed --master_addr), or fix /etc/hosts (Debian's "
             f"'127.0.1.1 {socket.gethostname()}' line)"
         )
-    os.environ.setdefault("GLOO_SOCKET_IFACE", route.iface)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", route.iface)
+    global _route
+    _route = route
     return route
+
+
+_route: Route | None = None  # this rank's route to MASTER_ADDR, set by init_distributed
+
+
+def local_route() -> Route:
+    """This rank's route to the rendezvous host (after `init_distributed`): the address other hosts
+    reach it at, and its interface."""
+    if _route is None:
+        raise RuntimeError("init_distributed() has not run")
+    return _route
 
 
 def _wait_for_store(addr: str, port: int, deadline_s: float) -> None:
@@ -253,7 +266,7 @@ def init_distributed(timeout_s: float = 300.0, store_wait_s: float = 60.0) -> La
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     _unlink_deepspeed_shm()
-    me = Peer(dist.get_rank(), socket.gethostname(), route.local_addr, os.environ["GLOO_SOCKET_IFACE"])
+    me = Peer(dist.get_rank(), socket.gethostname(), route.local_addr, os.environ["GLOO_SOCKET_IFNAME"])
     peers: list[Peer | None] = [None] * dist.get_world_size()
     dist.all_gather_object(peers, me)
     local_size = sum(p.host == me.host for p in peers)

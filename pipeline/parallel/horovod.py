@@ -1,20 +1,26 @@
 """Bring Horovod up next to torch.distributed, with the same ranks, under either launcher.
 
-Under `mpirun` Horovod uses its MPI controller. Under the `deepspeed` launcher there is no MPI and no
-`horovodrun`, so we do what `horovodrun --gloo` would do: rank 0 starts Horovod's HTTP rendezvous
-server with a host plan built from torch.distributed's ranks, and every rank sets the HOROVOD_*
-variables of its slot before `hvd.init()`. Ranks must be contiguous per host, which both launchers
-guarantee; we check rank and size agree afterwards.
+Under `mpirun` Horovod uses its MPI controller (or, with HOROVOD_CONTROLLER=gloo, Gloo as below).
+Under the `deepspeed` launcher there is no MPI and no `horovodrun`, so we do what `horovodrun --gloo`
+would do: rank 0 starts Horovod's HTTP rendezvous server with a host plan built from
+torch.distributed's ranks, and every rank sets the HOROVOD_* variables of its slot before
+`hvd.init()`. Ranks must be contiguous per host, which both launchers guarantee by default; we check
+rank and size agree afterwards. The rendezvous address is rank 0's own address on the cluster
+network (`local_route`), not MASTER_ADDR's name: under Debian's stock /etc/hosts rank 0's host
+resolves its own name to 127.0.1.1, where nothing listens.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
 import torch.distributed as dist
 
+from pipeline.parallel.distributed import RendezvousError, local_route
 from pipeline.parallel.grid import Layout
+from pipeline.parallel.network import resolve
 
 _rendezvous_server = None  # rank 0 keeps Horovod's rendezvous server alive for the whole run
 _dp_process_set = None  # Horovod's process set of this rank's data-parallel group
@@ -35,11 +41,28 @@ def _host_plan(hosts: list[str]) -> str:
 
 def _gloo_iface(single_host: bool) -> str:
     """Horovod's Gloo interface: HOROVOD_GLOO_IFACE if given, else 'lo' on a single host, else the one
-    torch's Gloo uses (GLOO_SOCKET_IFACE, chosen by `init_distributed` from the route to the other
+    torch's Gloo uses (GLOO_SOCKET_IFNAME, chosen by `init_distributed` from the route to the other
     hosts; its first entry when it lists several)."""
     if "HOROVOD_GLOO_IFACE" in os.environ:
         return os.environ["HOROVOD_GLOO_IFACE"]
-    return "lo" if single_host else os.environ["GLOO_SOCKET_IFACE"].split(",")[0]
+    return "lo" if single_host else os.environ["GLOO_SOCKET_IFNAME"].split(",")[0]
+
+
+def _refuse_loopback_names(names: list[tuple[str, str]]) -> None:
+    """Stop on every rank when the job spans hosts and some host resolves its own name to a loopback
+    address (Debian's stock `127.0.1.1 <hostname>` line). Horovod's Gloo transport was seen to connect
+    to 127.0.1.1 then and abort the job (`gloo::IoException ... connect [127.0.1.1]`), although its
+    interface was set; torch's Gloo and mpirun's Horovod (MPI) are not affected."""
+    if len({host for host, _ in names}) == 1:
+        return
+    bad = sorted({f"{host} ({addr})" for host, addr in names if ipaddress.ip_address(addr).is_loopback})
+    if bad:
+        raise RendezvousError(
+            f"host(s) {', '.join(bad)} resolve their own name to a loopback address (/etc/hosts, e.g. "
+            "Debian's '127.0.1.1 <hostname>' line); Horovod over Gloo, which the deepspeed launcher "
+            "uses, cannot connect across hosts then. Map each host name to its cluster address in "
+            "/etc/hosts, or launch with mpirun (Horovod over MPI)"
+        )
 
 
 def _gloo_rendezvous() -> None:
@@ -47,23 +70,27 @@ def _gloo_rendezvous() -> None:
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
 
     rank, size = dist.get_rank(), dist.get_world_size()
-    hosts: list[str] = [""] * size
-    dist.all_gather_object(hosts, socket.gethostname())
+    me = socket.gethostname()
+    names: list[tuple[str, str] | None] = [None] * size
+    dist.all_gather_object(names, (me, resolve(me)))
+    hosts = [host for host, _ in names]
+    _refuse_loopback_names(names)
     plan = get_host_assignments(parse_hosts(_host_plan(hosts)), size)
-    port = [None]
+    single_host = len(set(hosts)) == 1
+    server = [None, None]  # rank 0's (address, port)
     if rank == 0:
         from horovod.runner.http.http_server import RendezvousServer
 
         _rendezvous_server = RendezvousServer()
-        port[0] = _rendezvous_server.start()
+        port = _rendezvous_server.start()
         _rendezvous_server.init(plan)
-    dist.broadcast_object_list(port, src=0)
+        server = ["127.0.0.1" if single_host else local_route().local_addr, port]
+    dist.broadcast_object_list(server, src=0)
+    addr, port = server
     slot = plan[rank]
-    single_host = len(set(hosts)) == 1
-    addr = "127.0.0.1" if single_host else os.environ["MASTER_ADDR"]
     os.environ.update(
         HOROVOD_GLOO_RENDEZVOUS_ADDR=addr,
-        HOROVOD_GLOO_RENDEZVOUS_PORT=str(port[0]),
+        HOROVOD_GLOO_RENDEZVOUS_PORT=str(port),
         HOROVOD_CONTROLLER="gloo",
         HOROVOD_CPU_OPERATIONS="gloo",
         HOROVOD_GLOO_IFACE=_gloo_iface(single_host),
@@ -86,7 +113,7 @@ def init_horovod(launcher: str, layout: Layout) -> str:
     global _dp_process_set
     import horovod.torch as hvd
 
-    if launcher != "mpi":
+    if launcher != "mpi" or os.environ.get("HOROVOD_CONTROLLER") == "gloo":
         _gloo_rendezvous()
     if layout.dp == layout.world_size:  # mp == 1: the data-parallel group is the whole world
         hvd.init()

@@ -1,5 +1,5 @@
 """Which local address and network interface reach another host: the one answer that the MPI
-rendezvous, torch's Gloo (`GLOO_SOCKET_IFACE`) and Horovod's Gloo (`HOROVOD_GLOO_IFACE`) all need.
+rendezvous, torch's Gloo (`GLOO_SOCKET_IFNAME`) and Horovod's Gloo (`HOROVOD_GLOO_IFACE`) all need.
 
 Found from the kernel's routing table, not from the host name: a UDP `connect` picks the route and
 the source address without sending anything, and the interface is the one holding that address. The
