@@ -1,19 +1,21 @@
-"""Top-k predictions from a training checkpoint, at any world size: for shards, or for raw text.
+"""Top-k predictions from a checkpoint or an inference bundle, at any world size: shards or raw text.
 
     python launch/predict.py --checkpoint runs/demo --data data/demo/test --out runs/demo/pred.jsonl
     python launch/predict.py --checkpoint runs/text_minilm --text "tool to resize images" --text "..."
     python launch/predict.py --checkpoint runs/text_minilm --input new.jsonl --out pred.jsonl
+    python launch/predict.py --checkpoint model/ --out pred.jsonl   # a bundle of launch/export.py
     deepspeed --num_gpus 2 launch/predict.py --checkpoint runs/demo ...   # labels split over 2 ranks
     mpirun -np 2 python launch/predict.py --checkpoint runs/demo ...
 
-`--checkpoint` is a run's output folder (its newest complete checkpoint is used) or one checkpoint
-folder. The backbone comes from the checkpoint's full weights, the head shards are re-cut to this
-world (every rank scores a label range). Raw text (a run with a transformer backbone): `--text`
-(repeatable) or `--input`, JSON lines in the formats `prepare_data.py text` reads (`text`, or
-`title`/`content`; labels optional), tokenized by the run's own tokenizer. Without `--out` the top-k
-are printed, with label names when the run's data has a label vocabulary. Output by extension:
-`.jsonl`, one line per sample `{"id": sample id, "labels": [...], "scores": [...]}` (plus `"names"`
-with a vocabulary); `.npy`, top-k label ids [N, k] in sample-id order (scores beside it in
+`--checkpoint` is a run's output folder (its newest complete checkpoint is used), one checkpoint
+folder, or an inference bundle of `launch/export.py`. The backbone comes from the full weights, the
+head (a checkpoint's shards, or a bundle's whole head) is cut to this world (every rank scores a
+label range). Raw text (a run with a transformer backbone): `--text` (repeatable) or `--input`, JSON
+lines in the formats `prepare_data.py text` reads (`text`, or `title`/`content`; labels optional),
+tokenized by the run's own tokenizer. Without `--out` the top-k are printed, with label names when
+the run's training data (or the bundle) has a label vocabulary. Output by extension: `.jsonl`, one
+line per sample `{"id": sample id, "labels": [...], "scores": [...]}` (plus `"names"` with a
+vocabulary); `.npy`, top-k label ids [N, k] in sample-id order (scores beside it in
 `*_scores.npy`). When the inputs carry labels, the metrics are printed and written to
 `<out>.metrics.json`.
 """
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from pipeline.data import make_loader, read_label_names, read_text_rows, text_batches
 from pipeline.parallel.distributed import collective_device, init_distributed
 from pipeline.parallel.grid import build_grid
+from pipeline.train import bundle
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.evaluate import predict
 from pipeline.train.metrics import XMCMetrics
@@ -40,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="run output folder or checkpoint folder")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run output folder, checkpoint folder or inference bundle"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="shards to predict (default: the run's test set)")
     source.add_argument("--text", action="append", default=None, help="a raw text to predict (repeatable)")
@@ -54,18 +59,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from_bundle = bundle.is_bundle(args.checkpoint)
     try:
-        checkpoint, _ = ckpt.resolve_checkpoint(args.checkpoint)
-    except ckpt.CheckpointError as e:
+        if from_bundle:
+            checkpoint = Path(args.checkpoint)
+            bundle.read_bundle(checkpoint)
+        else:
+            checkpoint, _ = ckpt.resolve_checkpoint(args.checkpoint)
+    except (ckpt.CheckpointError, bundle.BundleError) as e:
         raise SystemExit(f"predict: {e}") from None
     init_distributed()
     grid = build_grid(dist.get_world_size())  # every rank scores its own label range
-    model = ckpt.load_for_inference(checkpoint, grid, collective_device())
+    load = bundle.load_bundle if from_bundle else ckpt.load_for_inference
+    model = load(checkpoint, grid, collective_device())
     config, train_manifest, meta = model.config, model.manifest, model.meta
     backbone, head, label_range = model.backbone, model.head, model.label_range
 
     batch_size = args.batch_size or config.data.batch_size
-    names = read_label_names(config.data.train)
+    names = read_label_names(train_manifest)  # the training set's, or the copy in a bundle
     texts: list[str] | None = None
     if args.text is not None or args.input is not None:
         if model.tokenizer is None:

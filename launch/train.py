@@ -8,9 +8,14 @@
 talking to another (exit code 2 on an invalid one). A rank that fails prints `[rank N] ...` and the
 whole job exits non-zero.
 
-`--resume auto` continues from the newest complete checkpoint in train.output_dir (a fresh start if
-there is none); `--resume PATH` from that checkpoint. `--check` starts every rank, runs the start-up
-self-check (exact allreduces over torch.distributed and Horovod) and stops: a quick test of a cluster.
+`--resume auto` continues from the newest intact checkpoint in train.output_dir (its files checked
+against the sizes and checksums of its meta.json; a damaged newer one is named and passed over; a
+fresh start if there is none); `--resume PATH` from that checkpoint (a damaged file there is an error
+naming it). `--check` starts every rank, runs the start-up self-check (exact allreduces over
+torch.distributed and Horovod) and stops: a quick test of a cluster.
+
+SIGTERM or SIGUSR1 to any rank (or to a launcher that passes it on): every rank finishes the current
+step, the job writes a checkpoint of it and every rank exits with code 76 (`pipeline.train.preemption`).
 
 Fault injection for the tests of the failure paths: the XMC_FAULT_* variables of
 `pipeline/train/faults.py`.
@@ -35,6 +40,7 @@ from pipeline.parallel.peer_watch import PeerWatch, describe, name_peers_in
 from pipeline.parallel.selfcheck import run_self_check
 from pipeline.parallel.shared_files import check_same_files, check_shared_folder
 from pipeline.train.faults import FaultInjector
+from pipeline.train.preemption import PREEMPTED_EXIT, Preempted, StopSignals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +72,9 @@ def check_before_start(config: RunConfig) -> None:
         )
 
 
-def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
+def run(config: RunConfig, resume: str | None, check_only: bool) -> int:
+    """The job on this rank; its exit code (0, or PREEMPTED_EXIT after a stop signal)."""
+    stop = StopSignals(env_rank()).install()  # before start-up: a signal then stops at the first step
     launch = init_distributed()
     grid = build_grid(config.parallel.model_parallel)
     controller = init_horovod(launch.launcher, grid.layout)
@@ -89,14 +97,27 @@ def run(config: RunConfig, resume: str | None, check_only: bool) -> None:
             flush=True,
         )
     watch = PeerWatch(launch.peers, grid.rank, config.parallel.peer_timeout_s).start()
-    if not check_only:
-        train(config, grid, resume, faults, launch.peers)
+    code = 0
+    try:
+        if not check_only:
+            train(config, grid, resume, faults, launch.peers, stop)
+    except Preempted as e:
+        if grid.rank == 0:
+            print(f"preempted: {e}; continue with --resume auto", flush=True)
+        code = PREEMPTED_EXIT
     watch.stop()
     shutdown_horovod()
+    stop.restore()
+    return code
 
 
 def train(
-    config: RunConfig, grid, resume: str | None, faults: FaultInjector, peers: tuple[Peer, ...]
+    config: RunConfig,
+    grid,
+    resume: str | None,
+    faults: FaultInjector,
+    peers: tuple[Peer, ...],
+    stop: StopSignals,
 ) -> None:
     from pipeline.data import ensure_synthetic
     from pipeline.train import checkpoint
@@ -106,15 +127,19 @@ def train(
         ensure_synthetic(config.data.train, config.data.synthetic)
     torch.distributed.barrier()
     check_same_files({"data.train": config.data.train, "data.test": config.data.test}, "manifest.json", peers)
-    trainer = Trainer(config, grid, faults)
-    if resume:
-        path = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.train.output_dir))
-        path = path if resume == "auto" else Path(resume)
+    trainer = Trainer(config, grid, faults, stop)
+    if resume:  # the newest intact checkpoint (auto), or this one; its files verified by all ranks
+        root = checkpoint.checkpoint_root(config.train.output_dir)
+        path = checkpoint.resume_point(root, grid, None if resume == "auto" else Path(resume))
         if path is not None:
             trainer.restore(path)
             if grid.rank == 0:
                 print(f"resumed from {path} at step {trainer.position.step}", flush=True)
-    final = trainer.fit()
+    try:
+        final = trainer.fit()
+    except Preempted:
+        trainer.logbook.close()
+        raise
     baseline = trainer.baseline()
     if grid.rank == 0:
         summary = {"final": final, "popularity_baseline": baseline, "step": trainer.position.step}
@@ -125,7 +150,6 @@ def train(
             json.dumps(summary, indent=1) + "\n"
         )
         print(format_summary(final, baseline), flush=True)
-    trainer.logbook.close()
 
 
 def format_summary(final: dict[str, float], baseline: dict[str, float]) -> str:
@@ -144,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        run(config, args.resume, args.check)
+        code = run(config, args.resume, args.check)
     except BaseException as e:  # name the rank, then take the whole job down rather than hang it
         if isinstance(e, SystemExit) and not e.code:
             raise
@@ -157,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
             MPI.COMM_WORLD.Abort(1)
         os._exit(1)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

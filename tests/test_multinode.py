@@ -14,8 +14,8 @@
 - A lost host (every process killed) and a cut link each end the job within 60 s on every rank with a
   message naming the lost host; no process is left; the newest checkpoint is intact and, once the host
   is back, `--resume auto` continues from it.
-- A non-shared output folder stops at start-up naming the hosts; the stock Debian `127.0.1.1 <name>`
-  hosts line works under both launchers.
+- A non-shared output folder stops at start-up naming the hosts. With the stock Debian
+  `127.0.1.1 <name>` hosts line mpirun works and deepspeed stops at once naming the hosts.
 """
 
 from __future__ import annotations

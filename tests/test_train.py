@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -312,3 +313,130 @@ def test_precomputed_dense_embeddings_train_with_an_identity_backbone(tmp_path):
     ok(proc)
     result = final(out)
     assert result["final"]["P@1"] > 2 * result["popularity_baseline"]["P@1"], result
+
+
+# ----- preemption -----------------------------------------------------------------------------------
+
+
+def assert_continues_exactly(out: Path, reference: Path, rel: float) -> None:
+    """The resumed run's losses and final metrics are those of the uninterrupted `reference`."""
+    ref_losses = {r["step"]: r["loss"] for r in records(reference, "train")}
+    got = {r["step"]: r["loss"] for r in records(out, "train")}
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == pytest.approx(ref_losses, rel=rel)
+    for key, value in final(reference)["final"].items():
+        assert final(out)["final"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_sigterm_to_a_rank_checkpoints_that_step_and_resumes_exactly(tmp_path, data, reference_run):
+    """Rank 1 gets a SIGTERM during step 6 (XMC_FAULT_KIND=term): both ranks finish step 6, the job
+    writes step00000006 and exits 76 (the deepspeed launcher passes the ranks' code on); `--resume auto`
+    then continues bit-for-bit like the uninterrupted run (same floating-point operations, 1e-6)."""
+    out = tmp_path / "run"
+    term = {"XMC_FAULT_RANK": "1", "XMC_FAULT_KIND": "term", "XMC_FAULT_STEP": "5"}  # steps count from 0
+    proc, _ = train("deepspeed", out, data, env=term)
+    assert proc.returncode == 76, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[rank 1] got SIGTERM: finishing this step, then a checkpoint" in proc.stderr
+    assert "preempted: stopped by SIGTERM after step 6" in proc.stdout, proc.stdout[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step00000004", "step00000006"]
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 7))
+    proc, _ = train("deepspeed", out, data, resume=True)
+    ok(proc)
+    assert "at step 6" in proc.stdout
+    assert_continues_exactly(out, reference_run, rel=1e-6)
+
+
+def test_sigusr1_to_mpirun_checkpoints_and_resumes(tmp_path, data, reference_run):
+    """SIGUSR1 to `mpirun` itself (as SLURM's `--signal=USR1@120` does) once step 2 is logged: mpirun
+    forwards it to every rank, the job checkpoints the step it is at and exits 76. The resumed run
+    follows the uninterrupted deepspeed run (rel 1e-5: the same math, but the launchers' gloo
+    reductions may add the two ranks' values in another order)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = [*launch_command("mpirun", 2), str(TRAIN), *train_args(out, data, "train.eval_every=0")]
+    env = {**os.environ, **LAUNCH_ENV}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or len(records(out, "train")) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 76, output[-4000:]
+    stopped = int(output.split("preempted: stopped by SIGUSR1 after step ")[1].split(":")[0])
+    assert 2 <= stopped < STEPS, output[-3000:]
+    newest = latest_checkpoint(out / "checkpoints")
+    assert newest.name == f"step{stopped:08d}"
+    proc, _ = train("mpirun", out, data, "train.eval_every=0", resume=True)
+    ok(proc)
+    assert f"at step {stopped}" in proc.stdout
+    assert_continues_exactly(out, reference_run, rel=1e-5)
+
+
+# ----- damaged checkpoints and full disks -------------------------------------------------------
+
+
+def test_damaged_checkpoints_are_named_and_passed_over(tmp_path, data, reference_run):
+    """The newest checkpoint with a head shard cut short: `--resume auto` names the file, resumes from
+    the one before and ends like the uninterrupted run. A bit flipped in a checkpoint's file: `--resume
+    PATH` to it fails naming the file."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints", out / "checkpoints")
+    cut = out / "checkpoints" / "step00000016" / "head" / "rank00001.pt"
+    size = cut.stat().st_size
+    with open(cut, "r+b") as f:
+        f.truncate(size // 2)
+    proc, _ = train("deepspeed", out, data, resume=True)
+    ok(proc)
+    assert (
+        f"skipping damaged checkpoint step00000016: {cut}: {size // 2} bytes, meta.json records {size}"
+        in (proc.stderr)
+    ), proc.stderr[-3000:]
+    assert "at step 12" in proc.stdout
+    got = {r["step"]: r["loss"] for r in records(out, "train")}
+    ref = {r["step"]: r["loss"] for r in records(reference_run, "train")}
+    assert got == pytest.approx({s: ref[s] for s in range(13, STEPS + 1)}, rel=1e-6)
+
+    flipped = out / "checkpoints" / "step00000012" / "backbone.pt"
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    args = train_args(tmp_path / "again", data) + ["--resume", str(flipped.parent)]
+    proc, _ = run_launched("deepspeed", 2, TRAIN, args, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert f"cannot resume from {flipped.parent}: {flipped}: sha256 differs" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+
+
+def test_full_disk_stops_with_the_file_named_and_the_older_checkpoints_intact(tmp_path, data, reference_run):
+    """`train.output_dir` on a tmpfs that holds about two and a half checkpoints: the third write fails
+    naming the file and the cause, the job exits non-zero, no torn folder is left and the two earlier
+    checkpoints still match their checksums."""
+    from pipeline.train.checkpoint import verify_files
+
+    one = sum(
+        f.stat().st_size for f in (reference_run / "checkpoints" / "step00000016").rglob("*") if f.is_file()
+    )
+    out = tmp_path / "disk"
+    out.mkdir()
+    size_kib = int(2.5 * one) // 1024 + 256  # + logs, config, self-check reports
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(out)], check=True)
+    try:
+        sets = ["train.checkpoint_every=2", "train.eval_every=0", "train.keep_checkpoints=2"]
+        proc, elapsed = train("deepspeed", out, data, *sets)
+        assert proc.returncode != 0
+        assert elapsed < 120
+        failed = re.search(
+            r"CheckpointError: writing (\S+) failed: .* \((\d+) KiB free on that file system\)", proc.stderr
+        )
+        assert failed, proc.stderr[-4000:]
+        assert failed[1].startswith(str(out / "checkpoints" / ".tmp-step00000006")) and int(failed[2]) < 1024
+        kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert kept == ["step00000002", "step00000004"], kept
+        for name in kept:
+            verify_files(out / "checkpoints" / name)
+    finally:
+        subprocess.run(["umount", str(out)], check=True)

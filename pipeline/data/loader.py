@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -48,6 +49,14 @@ def shuffle_buffer(items: Iterator[Sample], size: int, rng: random.Random) -> It
         buf[j] = item
     rng.shuffle(buf)
     yield from buf
+
+
+def _ignore_stop_signals(worker: int) -> None:
+    """In a worker: SIGTERM and SIGUSR1 are for the rank it serves, which decides when to stop
+    (`pipeline.train.preemption`); launchers signal the whole process tree, and a worker ended by
+    one would fail the rank's next batch before its checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _Failure:
@@ -150,6 +159,7 @@ class ShardLoader:
                     # run would draw its dropout masks from a shifted stream); the workers' shuffles
                     # are seeded from (seed, epoch, rank, worker) anyway
                     generator=torch.Generator().manual_seed(self.seed),
+                    worker_init_fn=_ignore_stop_signals,
                 )
             )
         count = 0

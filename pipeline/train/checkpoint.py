@@ -10,12 +10,16 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step00000100/`:
                          backbone.pt, stored once
     head/rank00003.pt    one per rank: its head shard, head optimizer state (by parameter name), RNG
                          states, and what the trainer adds (scheduler, exchange residuals, data position)
-    meta.json            written last; step, world size, model-parallel size, what the caller adds
+    meta.json            written last; step, world size, model-parallel size, what the caller adds,
+                         and `files`: every other file's size and sha256
 One write path (`write_checkpoint`): everything goes under `.tmp-step...`, `meta.json` last, and rank 0
 renames the folder once every rank has finished, so a crash or Ctrl-C mid-write leaves the previous
-checkpoint intact and the torn one invisible; the newest `keep` are kept. One read path: `read_meta`,
-`load_rank_state` (this rank's shard, or one re-cut from another split's shards) for resuming, and
-`load_for_inference` (full backbone + this rank's head) for predict, recovery and export.
+checkpoint intact and the torn one invisible; the newest `keep` are kept. A write that fails (disk
+full, permission) raises CheckpointError naming the file, and the torn folder is removed. One read
+path: `resume_point` (the newest checkpoint whose files match meta.json, falling back past damaged
+ones), `read_meta`, `load_rank_state` (this rank's shard, or one re-cut from another split's shards)
+for resuming, and `load_for_inference` (full backbone + this rank's head, its files verified) for
+predict, recovery and export.
 
 Resuming with another model-parallel size reshards the head: the label-sharded tensors of the old
 shards (and their Adam moments) are concatenated and cut to the new label range.
@@ -23,11 +27,14 @@ shards (and their Adam moments) are concatenated and cut to the new label range.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +60,8 @@ collective)."""
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used here (missing, incomplete, or written for another model)."""
+    """A checkpoint that cannot be used here (missing, incomplete, damaged, or written for another
+    model), or one that could not be written."""
 
 
 # ----- where checkpoints are ----------------------------------------------------------------------
@@ -88,7 +96,88 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
-    return json.loads(meta_file.read_text())
+    try:
+        return json.loads(meta_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e}): the checkpoint is damaged") from e
+
+
+# ----- integrity ----------------------------------------------------------------------------------
+
+META = "meta.json"
+_HASH_CHUNK = 1 << 22
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """{"size": bytes, "sha256": hex} of one file (reads it once, 4 MiB at a time)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _listed_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != META)
+
+
+def _file_problem(folder: Path, name: str, want: dict[str, Any]) -> str | None:
+    """Why `folder/name` does not match its record in meta.json, or None when it does."""
+    path = folder / name
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != want["size"]:
+        return f"{path}: {size} bytes, meta.json records {want['size']} (cut short or overwritten)"
+    if file_record(path)["sha256"] != want["sha256"]:
+        return f"{path}: sha256 differs from the one meta.json records (the file is damaged)"
+    return None
+
+
+def verify_files(path: Path, names: list[str] | None = None) -> None:
+    """Check `names` (all recorded files when None) of checkpoint `path` against meta.json in this
+    process; CheckpointError naming the first damaged file. Checkpoints written before meta.json
+    recorded files pass unchecked."""
+    files = read_meta(path).get("files")
+    if files is None:
+        return
+    for name in files if names is None else names:
+        if name not in files:
+            raise CheckpointError(f"{path / name}: not recorded in {path / META}")
+        if problem := _file_problem(path, name, files[name]):
+            raise CheckpointError(problem)
+
+
+def _collective_problems(path: Path, grid: ProcessGrid) -> list[str]:
+    """Every rank checks every world_size-th recorded file of `path`; the problems found by all ranks
+    (the same list everywhere). A folder without meta.json is one problem."""
+    try:
+        files = read_meta(path).get("files") or {}
+        names = sorted(files)[grid.rank :: grid.world_size]
+        found = [p for n in names if (p := _file_problem(path, n, files[n]))]
+    except (CheckpointError, ValueError) as e:
+        found = [str(e)]
+    gathered: list[list[str]] = [[] for _ in range(grid.world_size)]
+    dist.all_gather_object(gathered, found)
+    return sorted({p for ps in gathered for p in ps})
+
+
+def resume_point(root: Path, grid: ProcessGrid, path: Path | None = None) -> Path | None:
+    """The checkpoint to resume from, its files verified against meta.json by all ranks together
+    (collective). With `path`: that checkpoint, or CheckpointError naming its damaged file. Without:
+    the newest complete checkpoint under `root` whose files are intact, warning with the damaged
+    file for each newer one passed over; None when there is none."""
+    if path is not None:
+        if problems := _collective_problems(path, grid):
+            raise CheckpointError(f"cannot resume from {path}: {problems[0]}")
+        return path
+    for candidate in reversed(_complete(root)):
+        problems = _collective_problems(candidate, grid)
+        if not problems:
+            return candidate
+        if grid.rank == 0:
+            warnings.warn(f"skipping damaged checkpoint {candidate.name}: {problems[0]}", stacklevel=2)
+    return None
 
 
 # ----- RNG ----------------------------------------------------------------------------------------
@@ -107,10 +196,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----- writing ------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _writing(what: Path | str) -> Iterator[None]:
+    """A failed write (disk full, permission, ...) as a CheckpointError naming what was written."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, dist.DistBackendError):  # a peer went away: not a write failure
+            raise
+        raise CheckpointError(
+            f"writing {what} failed: {type(e).__name__}: {e}{_free_space(Path(what))}"
+        ) from e
+
+
+def _free_space(path: Path) -> str:
+    """' (N KiB free on that file system)': torch's own error for a full disk does not say so."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f" ({shutil.disk_usage(path).free // 1024} KiB free on that file system)"
+    except OSError:
+        return ""
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with _writing(path):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def head_shard(head: nn.Module, optimizer: torch.optim.Optimizer | None, **extra: Any) -> dict[str, Any]:
@@ -128,7 +243,8 @@ def engine_backbone(engine, bag: SparseBag | None = None) -> BackboneWriter:
     writes its optimizer state to `sparse_bag.pt`."""
 
     def write(folder: Path) -> None:
-        engine.save_checkpoint(str(folder / "backbone"), tag="backbone", save_latest=False)
+        with _writing(folder / "backbone"):
+            engine.save_checkpoint(str(folder / "backbone"), tag="backbone", save_latest=False)
         if engine.zero_optimization_stage() == 3:
             weights = engine._zero3_consolidated_16bit_state_dict()
         else:
@@ -148,6 +264,7 @@ def copied_backbone(source: Path) -> BackboneWriter:
 
     def write(folder: Path) -> None:
         if dist.get_rank() == 0:
+            verify_files(source, ["backbone.pt", *([SPARSE_BAG] if (source / SPARSE_BAG).is_file() else [])])
             shutil.copytree(source / "backbone", folder / "backbone")
             shutil.copy2(source / "backbone.pt", folder / "backbone.pt")
             if (source / SPARSE_BAG).is_file():
@@ -166,26 +283,47 @@ def write_checkpoint(
     keep: int | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root` on every rank (collective): the backbone, this rank's
-    `shard` (see `head_shard`), then meta.json (`meta` plus step and grid sizes), then the rename.
-    Keeps the newest `keep` complete checkpoints (all when None). Returns the final path."""
+    `shard` (see `head_shard`), the size and sha256 of every file (each rank hashes a share), then
+    meta.json (`meta` plus step, grid sizes and files), then the rename. Keeps the newest `keep`
+    complete checkpoints (all when None). Returns the final path.
+
+    A write that fails raises CheckpointError on the rank it failed on, naming the file; the others
+    then fail in their next collective. Rank 0 removes the torn `.tmp-step...` folder either way (and
+    any left by an earlier crash), so only complete checkpoints are ever seen."""
     final = root / f"step{step:08d}"
     tmp = root / f".tmp-step{step:08d}"
-    if grid.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "head").mkdir(parents=True)
-    dist.barrier()
-    backbone(tmp)
-    _atomic_save(shard, tmp / "head" / f"rank{grid.rank:05d}.pt")
-    dist.barrier()
-    if grid.rank == 0:
-        meta = {**meta, "step": step, "world_size": grid.world_size, "model_parallel": grid.mp}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in _complete(root)[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    try:
+        if grid.rank == 0:
+            for torn in root.glob(".tmp-step*"):
+                shutil.rmtree(torn, ignore_errors=True)
+            with _writing(tmp / "head"):
+                (tmp / "head").mkdir(parents=True)
+        dist.barrier()
+        backbone(tmp)
+        _atomic_save(shard, tmp / "head" / f"rank{grid.rank:05d}.pt")
+        dist.barrier()
+        names = _listed_files(tmp) if grid.rank == 0 else None
+        shared = [names]
+        dist.broadcast_object_list(shared, src=0)
+        mine = {n: file_record(tmp / n) for n in shared[0][grid.rank :: grid.world_size]}
+        records: list[dict[str, Any]] = [{} for _ in range(grid.world_size)]
+        dist.all_gather_object(records, mine)
+        if grid.rank == 0:
+            files = {n: r[n] for r in records for n in r}
+            meta = {**meta, "step": step, "world_size": grid.world_size, "model_parallel": grid.mp}
+            meta["files"] = dict(sorted(files.items()))
+            with _writing(tmp / META):
+                (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in _complete(root)[:-keep] if keep else []:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+    except BaseException:
+        if grid.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -217,6 +355,14 @@ def reshard_head_state(
     return state, optimizer
 
 
+def head_files_read(meta: dict[str, Any], grid: ProcessGrid) -> list[str]:
+    """The head files `load_rank_state` reads for this rank: its own (same grid), else the writer's
+    model-parallel group 0."""
+    if meta["world_size"] == grid.world_size and meta["model_parallel"] == grid.mp:
+        return [f"head/rank{grid.rank:05d}.pt"]
+    return [f"head/rank{r:05d}.pt" for r in range(meta["model_parallel"])]
+
+
 def load_rank_state(path: Path, grid: ProcessGrid, head: nn.Module) -> dict[str, Any]:
     """This rank's head file for `head` (built for this rank's label range).
 
@@ -225,9 +371,10 @@ def load_rank_state(path: Path, grid: ProcessGrid, head: nn.Module) -> dict[str,
     state), the other entries taken from the writer's rank 0, and `own` False: per-rank entries (RNG
     states, residuals) are then not this rank's."""
     meta = read_meta(path)
+    files = head_files_read(meta, grid)
     if meta["world_size"] == grid.world_size and meta["model_parallel"] == grid.mp:
-        return {**_load(path / "head" / f"rank{grid.rank:05d}.pt"), "own": True}
-    shards = [_load(path / "head" / f"rank{r:05d}.pt") for r in range(meta["model_parallel"])]
+        return {**_load(path / files[0]), "own": True}
+    shards = [_load(path / f) for f in files]
     state, optimizer = reshard_head_state(shards, head, head.label_range)
     return {**shards[0], "head": state, "optimizer": optimizer, "own": False}
 
@@ -284,6 +431,7 @@ def load_for_inference(
     checkpoint, run_dir = resolve_checkpoint(path)
     config = load_config(run_dir / "config.json")
     meta = read_meta(checkpoint)
+    verify_files(checkpoint, ["backbone.pt", *head_files_read(meta, grid)])
     manifest = read_manifest(config.data.train)
     label_range = split_labels(meta["num_labels"], grid.mp, grid.mp_rank)
     backbone = build_backbone(config.model, manifest.feature_kind, manifest.num_features)

@@ -2,7 +2,8 @@
 
 XMC_FAULT_RANK=N   the rank that fails (nothing happens on the others, or when unset)
 XMC_FAULT_KIND     raise (default): raise a RuntimeError; kill: SIGKILL itself; nan: make the
-                   training loss NaN (training steps only)
+                   training loss NaN (training steps only); term: send itself one SIGTERM (a
+                   preemption, training steps only)
 XMC_FAULT_STEP=S   fail at optimizer step S and later; unset: right after start-up
 XMC_FAULT_COUNT=C  for nan: this many losses in a row (default 1)
 """
@@ -22,7 +23,7 @@ class FaultInjector:
     kind: str | None = None  # None: this rank injects nothing
     step: int | None = None
     count: int = 1
-    nans_injected: int = 0
+    injected: int = 0
 
     @classmethod
     def from_env(cls, rank: int, env: Mapping[str, str] = os.environ) -> FaultInjector:
@@ -30,23 +31,28 @@ class FaultInjector:
             return cls()
         step = int(env["XMC_FAULT_STEP"]) if "XMC_FAULT_STEP" in env else None
         kind = env.get("XMC_FAULT_KIND", "raise")
-        if kind not in ("raise", "kill", "nan"):
-            raise ValueError(f"XMC_FAULT_KIND: expected raise, kill or nan, got {kind!r}")
+        if kind not in ("raise", "kill", "nan", "term"):
+            raise ValueError(f"XMC_FAULT_KIND: expected raise, kill, nan or term, got {kind!r}")
         return cls(kind, step, int(env.get("XMC_FAULT_COUNT", "1")))
 
     def at_start(self) -> None:
         """Right after start-up: fail here when no step was given."""
-        if self.kind is not None and self.step is None:
+        if self.kind not in (None, "term") and self.step is None:
             self._fail("at start-up")
 
     def at_step(self, step: int) -> bool:
         """Before the loss of optimizer step `step` is used; True when that loss is to be made NaN."""
         if self.kind is None or self.step is None or step < self.step:
             return False
+        if self.kind == "term":
+            if self.injected == 0:
+                self.injected = 1
+                os.kill(os.getpid(), signal.SIGTERM)
+            return False
         if self.kind != "nan":
             self._fail(f"at step {step}")
-        if self.nans_injected < self.count:
-            self.nans_injected += 1
+        if self.injected < self.count:
+            self.injected += 1
             return True
         return False
 

@@ -53,6 +53,7 @@ from pipeline.train.evaluate import evaluate, popularity
 from pipeline.train.faults import FaultInjector
 from pipeline.train.logbook import Logbook
 from pipeline.train.metrics import XMCMetrics
+from pipeline.train.preemption import Preempted, StopSignals, signal_name
 
 
 class TrainingError(RuntimeError):
@@ -134,11 +135,19 @@ class Position:
 class Trainer:
     """Builds the model for this rank of the grid and runs training, evaluation and checkpoints."""
 
-    def __init__(self, config: RunConfig, grid: ProcessGrid, faults: FaultInjector | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        grid: ProcessGrid,
+        faults: FaultInjector | None = None,
+        stop: StopSignals | None = None,
+    ) -> None:
         import deepspeed
 
         self.config, self.grid = config, grid
         self.faults = faults or FaultInjector()
+        self.stop = stop or StopSignals(grid.rank)  # installed by the caller; never set when not
+        self.stop_agreed = 0  # a stop signal's number (some rank got it): this step is the last
         self.out = Path(config.train.output_dir)
         self.train_manifest = read_manifest(config.data.train)
         read_manifest(config.data.test)  # fail now, not after training, if the test set is missing
@@ -191,6 +200,7 @@ class Trainer:
         )
         self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
         self.position = Position()
+        self.last_saved: Path | None = None
         self.logbook = Logbook(self.out, enabled=self.rank0)
 
     # ----- data -----------------------------------------------------------------------------------
@@ -256,7 +266,8 @@ class Trainer:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns (loss, applied).
 
         A non-finite loss on any rank drops the whole step on every rank (gradients zeroed, nothing
-        applied), so the ranks never disagree about which collectives come next."""
+        applied), so the ranks never disagree about which collectives come next. The same all-reduce
+        carries the stop request (a signal on any rank): `stop_agreed` then holds its number on every rank."""
         g, losses = self.grid, []
         gas = self.engine.gradient_accumulation_steps()
         for micro in range(gas):
@@ -264,9 +275,12 @@ class Trainer:
             loss = self.group_loss(group, micro)
             if self.faults.at_step(self.position.step):
                 loss = loss * float("nan")
-            flag = torch.isfinite(loss).logical_not().float().view(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together, or none does
-            if flag.item():
+            stop = torch.tensor(float(self.stop.received), device=loss.device)
+            flags = torch.stack([torch.isfinite(loss).logical_not().float(), stop]).to(self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank skips (or stops) together, or none
+            bad, stop = flags.tolist()
+            self.stop_agreed = max(self.stop_agreed, int(stop))
+            if bad:
                 self.engine.optimizer.zero_grad()
                 self.head_optimizer.zero_grad(set_to_none=True)
                 if self.bag is not None:
@@ -326,7 +340,7 @@ class Trainer:
             rewire_generator=self.rewire_generator.get_state(),
             label_range=vars(self.label_range).copy(),
         )
-        return ckpt.write_checkpoint(
+        self.last_saved = ckpt.write_checkpoint(
             ckpt.checkpoint_root(self.out),
             self.position.step,
             self.grid,
@@ -335,6 +349,7 @@ class Trainer:
             {"num_labels": self.num_labels, "head": self.config.model.head},
             keep=self.config.train.keep_checkpoints,
         )
+        return self.last_saved
 
     def restore(self, path: Path) -> None:
         """Continue from checkpoint `path`: the same world size, any model-parallel size (the head is
@@ -372,12 +387,21 @@ class Trainer:
     # ----- the run --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Train to `total_steps` from the current position; returns the final test metrics."""
+        """Train to `total_steps` from the current position; returns the final test metrics. After a
+        stop signal (see `pipeline.train.preemption`) it writes a checkpoint of the step just finished
+        and raises Preempted instead."""
         cfg, total = self.config.train, self.total_steps
         batches = self.train_batches()
         bar = progress_bar(total, "train", enabled=self.rank0, initial=self.position.step)
         bad_in_a_row, window, window_s = 0, [], 0.0
-        while self.position.step < total:
+        saved_at = None
+        while True:
+            if self.stop_agreed:  # after the step's log line and periodic checkpoint
+                self.position.train_seconds += window_s
+                saved = self.save() if saved_at != self.position.step else self.last_saved
+                raise Preempted(signal_name(self.stop_agreed), self.position.step, saved)
+            if self.position.step >= total:
+                break
             started = time.perf_counter()
             loss, applied = self.train_step(batches)
             window_s += time.perf_counter() - started
@@ -414,6 +438,7 @@ class Trainer:
                 )
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 self.save()
+                saved_at = step
         bar.close()
         final = self.evaluate()
         self.logbook.log("eval", self.position.step, final | {"train_s": self.position.train_seconds})
