@@ -110,7 +110,13 @@ def _mpi_rendezvous(probe_timeout_s: float = 10.0) -> None:
     address on its route to another host. Before anyone waits on it, every rank on another host
     connects once to a probe socket rank 0 opened there; a rank that cannot (wrong address, firewall,
     a cut link) makes every rank fail at once, naming the address and the ranks, instead of a silent
-    wait for torch's store timeout."""
+    wait for torch's store timeout.
+
+    Before MPI starts: waits in MPI calls yield the core (`mpi_yield_when_idle`, unless set). OpenMPI
+    otherwise busy-polls in every blocking call, Horovod's background thread's included; with more
+    ranks than free cores those threads took the cores the other ranks compute on (2 hosts x 2 ranks
+    on 2 cores: 3-4x fewer samples/s than the same job under deepspeed, on par once they yield)."""
+    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
