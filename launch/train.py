@@ -127,17 +127,16 @@ def train(
         ensure_synthetic(config.data.train, config.data.synthetic)
     torch.distributed.barrier()
     check_same_files({"data.train": config.data.train, "data.test": config.data.test}, "manifest.json", peers)
-    trainer = Trainer(config, grid, faults, stop)
+    path = None
     if resume:  # the newest intact checkpoint (auto), or this one; its files verified by all ranks
         root = checkpoint.checkpoint_root(config.train.output_dir)
         path = checkpoint.resume_point(root, grid, None if resume == "auto" else Path(resume))
-        if path is not None:
-            trainer.restore(path)
-            if grid.rank == 0:
-                print(f"resumed from {path} at step {trainer.position.step}", flush=True)
+    trainer = Trainer(config, grid, faults, stop, resume=path)
+    if path is not None and grid.rank == 0:
+        print(f"resumed from {path} at step {trainer.position.step}", flush=True)
     try:
         final = trainer.fit()
-    except Preempted:
+    except Preempted:  # the plot of what was logged, then the exit code
         trainer.logbook.close()
         raise
     baseline = trainer.baseline()
@@ -150,6 +149,7 @@ def train(
             json.dumps(summary, indent=1) + "\n"
         )
         print(format_summary(final, baseline), flush=True)
+    trainer.logbook.close()
 
 
 def format_summary(final: dict[str, float], baseline: dict[str, float]) -> str:

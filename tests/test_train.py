@@ -440,3 +440,90 @@ def test_full_disk_stops_with_the_file_named_and_the_older_checkpoints_intact(tm
             verify_files(out / "checkpoints" / name)
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+# ----- another world size -------------------------------------------------------------------------
+
+
+def universal_state(checkpoint: Path, into: Path) -> dict[str, torch.Tensor]:
+    """Every backbone parameter's fp32 value and Adam moments, whole, from DeepSpeed's universal form
+    of the checkpoint's engine state (`ds_to_universal`), whatever the writer's world size."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(checkpoint / "backbone" / "backbone"),
+        output_folder=str(into),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        to_universal(args)
+    state = {}
+    for f in sorted((into / "zero").glob("*/*.pt")):  # <parameter>/{fp32,exp_avg,exp_avg_sq,step}.pt
+        value = torch.load(f, weights_only=False)
+        state[str(f.relative_to(into / "zero"))] = value["param"] if isinstance(value, dict) else value
+    return state
+
+
+def merged_head(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The head over all labels (shards of model-parallel group 0 in label order) with its Adam moments."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    shards = [
+        torch.load(checkpoint / "head" / f"rank{r:05d}.pt", weights_only=False)
+        for r in range(meta["model_parallel"])
+    ]
+    merged = {f"head.{k}": torch.cat([s["head"][k] for s in shards]) for k in shards[0]["head"]}
+    for name in shards[0]["optimizer"]:
+        for key in ("exp_avg", "exp_avg_sq"):
+            merged[f"{name}.{key}"] = torch.cat([s["optimizer"][name][key] for s in shards])
+    return merged
+
+
+@pytest.mark.parametrize(
+    "stage, sets, layouts",
+    [
+        ("zero1", [], [(4, 2), (2, 2), (4, 2)]),  # 2 dp x 2 mp -> 1 x 2 -> 2 x 2
+        ("zero3", ["model.sparse_bag=false"], [(4, 2), (2, 1)]),  # the bag's table in ZeRO-3; 2 x 2 -> 2 x 1
+    ],
+)
+def test_resume_on_another_world_size_restores_the_state_exactly(tmp_path, data, stage, sets, layouts):
+    """A checkpoint of step 4 written by 4 ranks is resumed on 2 ranks, and (ZeRO-1) that one's back
+    on 4 (`train.steps=4`: each resumed job only evaluates and writes its own checkpoint of step 4). The
+    backbone's fp32 weights and Adam moments (compared in DeepSpeed's universal form, which does not
+    depend on the writer's partitioning), its full weights and the merged head with its moments are
+    bit-identical across the three checkpoints: the re-partitioning moves values, it computes none.
+    The evaluations of that state agree to float-summation-order accuracy."""
+    sets = [*sets, f"deepspeed={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}", "train.steps=4"]
+    sets += ["train.eval_every=0", "train.checkpoint_every=0"]
+    runs, states = [], []
+    for i, (world, mp) in enumerate(layouts):
+        out = tmp_path / f"run{i}"
+        if runs:
+            (out / "checkpoints").mkdir(parents=True)
+            shutil.copytree(runs[-1] / "checkpoints" / "step00000004", out / "checkpoints" / "step00000004")
+        args = train_args(out, data, *sets, f"parallel.model_parallel={mp}", resume=bool(runs))
+        proc, _ = run_launched("deepspeed", world, TRAIN, args, cwd=tmp_path, timeout=400)
+        ok(proc)
+        if runs:
+            assert "at step 4" in proc.stdout
+        checkpoint = out / "checkpoints" / "step00000004"
+        assert json.loads((checkpoint / "meta.json").read_text())["world_size"] == world
+        state = universal_state(checkpoint, tmp_path / f"universal{i}")
+        state |= torch.load(checkpoint / "backbone.pt", weights_only=True) | merged_head(checkpoint)
+        runs.append(out)
+        states.append(state)
+    assert any("exp_avg_sq" in k for k in states[0])
+    for state in states[1:]:
+        assert state.keys() == states[0].keys()
+        for key, value in states[0].items():
+            assert torch.equal(state[key], value), key
+    for out in runs[1:]:
+        for key, value in final(runs[0])["final"].items():
+            assert final(out)["final"][key] == pytest.approx(value, abs=1e-5), key

@@ -27,7 +27,10 @@ shards (and their Adam moments) are concatenated and cut to the new label range.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -390,17 +393,57 @@ def restore_head(head: nn.Module, optimizer: torch.optim.Optimizer | None, state
         optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in entry.items()}
 
 
-def load_backbone_engine(engine, path: Path, bag: SparseBag | None = None) -> None:
+def universal_backbone(path: Path, grid: ProcessGrid) -> Path:
+    """The backbone's DeepSpeed checkpoint in `path`, converted by rank 0 to DeepSpeed's universal
+    form (`ds_to_universal`: every parameter's fp32 value and Adam moments whole, one folder each)
+    into `<root>/.universal-<step>/backbone`, which an engine of any data-parallel size loads
+    (collective). The caller removes it after loading (`drop_universal`)."""
+    target = path.parent / f".universal-{path.name}"
+    if grid.rank == 0:
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        shutil.rmtree(target, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(path / "backbone" / "backbone"),
+            output_folder=str(target / "backbone"),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        with _writing(target), contextlib.redirect_stdout(io.StringIO()):
+            to_universal(args)
+    dist.barrier()
+    return target
+
+
+def drop_universal(target: Path, grid: ProcessGrid) -> None:
+    dist.barrier()
+    if grid.rank == 0:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def load_backbone_engine(
+    engine, path: Path, bag: SparseBag | None = None, grid: ProcessGrid | None = None
+) -> None:
     """The DeepSpeed checkpoint of the backbone (parameters, optimizer, scheduler) into `engine`, and
-    with `bag` the table (`bag.weight` of backbone.pt) and its lazy-Adam state into `bag`. A checkpoint
-    written with the other `model.sparse_bag` setting is refused (its engine holds other parameters)."""
+    with `bag` the table (`bag.weight` of backbone.pt) and its lazy-Adam state into `bag`. With
+    `grid` (another world size than the writer's; the engine built with `load_universal`) through
+    the universal form (`universal_backbone`). A checkpoint written with the other
+    `model.sparse_bag` setting is refused (its engine holds other parameters)."""
     written_sparse = (path / SPARSE_BAG).is_file()
     if written_sparse != (bag is not None):
         raise CheckpointError(
             f"{path} was written with model.sparse_bag={str(written_sparse).lower()}, this run has "
             f"model.sparse_bag={str(bag is not None).lower()}: resume with the same setting"
         )
-    engine.load_checkpoint(str(path / "backbone"), tag="backbone")
+    if grid is None:
+        engine.load_checkpoint(str(path / "backbone"), tag="backbone")
+    else:
+        universal = universal_backbone(path, grid)
+        engine.load_checkpoint(str(universal), tag="backbone")
+        drop_universal(universal, grid)
     if bag is not None:
         full = torch.load(path / "backbone.pt", map_location="cpu", weights_only=True, mmap=True)
         moments = torch.load(path / SPARSE_BAG, map_location="cpu", weights_only=True)

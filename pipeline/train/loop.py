@@ -68,9 +68,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed section, with the batch sizes made consistent with the data section."""
+def deepspeed_config(config: RunConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed section, with the batch sizes made consistent with the data section; with
+    `load_universal` the engine loads DeepSpeed's universal checkpoints (another world size)."""
     ds = dict(config.deepspeed)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
     gas = int(ds.get("gradient_accumulation_steps", 1))
     ds["gradient_accumulation_steps"] = gas
@@ -141,7 +144,9 @@ class Trainer:
         grid: ProcessGrid,
         faults: FaultInjector | None = None,
         stop: StopSignals | None = None,
+        resume: Path | None = None,
     ) -> None:
+        """With `resume`, the trainer continues from that checkpoint (see `restore`)."""
         import deepspeed
 
         self.config, self.grid = config, grid
@@ -166,7 +171,8 @@ class Trainer:
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
         if config.model.prior_bias:
             set_prior_bias(self.head, m.label_frequencies, m.num_samples, config.model.loss)
-        ds_config = deepspeed_config(config, grid.world_size)
+        other_world = resume is not None and ckpt.read_meta(resume)["world_size"] != grid.world_size
+        ds_config = deepspeed_config(config, grid.world_size, load_universal=other_world)
         self.samples_per_step = ds_config["train_batch_size"]  # batch x accumulation x world
         self.total_steps = total_steps(config.train, m.num_samples, self.samples_per_step)
         total, warmup = self.total_steps, config.train.warmup_steps
@@ -202,6 +208,8 @@ class Trainer:
         self.position = Position()
         self.last_saved: Path | None = None
         self.logbook = Logbook(self.out, enabled=self.rank0)
+        if resume is not None:
+            self.restore(resume)
 
     # ----- data -----------------------------------------------------------------------------------
 
@@ -352,20 +360,24 @@ class Trainer:
         return self.last_saved
 
     def restore(self, path: Path) -> None:
-        """Continue from checkpoint `path`: the same world size, any model-parallel size (the head is
-        re-cut; per-rank state such as RNG streams and exchange residuals is then started afresh)."""
+        """Continue from checkpoint `path`, written by any grid. The same world size: everything is
+        restored exactly. Another model-parallel size: the head is re-cut; per-rank state (RNG
+        streams, exchange residuals, the rewiring generator) starts afresh. Another world size (a
+        trainer built with `resume=path`): the backbone and its optimizer state go through
+        DeepSpeed's universal checkpoint, re-partitioned for this data-parallel size."""
         meta = ckpt.read_meta(path)
-        if meta["world_size"] != self.grid.world_size:
+        other_world = meta["world_size"] != self.grid.world_size
+        if other_world and not self.engine.load_universal_checkpoint():
             raise ckpt.CheckpointError(
                 f"{path} was written by {meta['world_size']} ranks, this run has {self.grid.world_size}: "
-                "resume with the same world size (the model-parallel size may differ)"
+                "build the trainer with resume=path to load it at another world size"
             )
         if meta["num_labels"] != self.num_labels or meta["head"] != self.config.model.head:
             raise ckpt.CheckpointError(
                 f"{path} holds a {meta['head']} head over {meta['num_labels']} labels, the config asks for "
                 f"a {self.config.model.head} head over {self.num_labels}"
             )
-        ckpt.load_backbone_engine(self.engine, path, self.bag)
+        ckpt.load_backbone_engine(self.engine, path, self.bag, self.grid if other_world else None)
         state = ckpt.load_rank_state(path, self.grid, self.head)
         ckpt.restore_head(self.head, self.head_optimizer, state)
         if state["own"]:
@@ -383,6 +395,9 @@ class Trainer:
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
         self.position = Position(**state["position"])
+        if other_world:  # the same number of samples into the epoch, in this world's batches
+            consumed = self.position.batches * self.config.data.batch_size * meta["world_size"]
+            self.position.batches = consumed // (self.config.data.batch_size * self.grid.world_size)
 
     # ----- the run --------------------------------------------------------------------------------
 
