@@ -39,14 +39,21 @@ def tiny_debian(tmp_path_factory) -> Path:
     return build_tiny_debian(tmp_path_factory.mktemp("tiny_debian"))
 
 
-def test_quality_table_has_every_system_and_each_learns(tmp_path, tiny_debian):
-    out = tmp_path / "quality"
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory, tiny_debian) -> tuple[subprocess.CompletedProcess, Path]:
+    """One `bench.py quality` run over every system (shared: each run costs minutes on 2 cores)."""
+    out = tmp_path_factory.mktemp("bench") / "quality"
     cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), "quality", "--data", str(tiny_debian)]
     cmd += ["--out", str(out), "--systems", ",".join(SYSTEMS), "--ranks", "2"]
     for s in TINY:
         cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=out.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out
+
+
+def test_quality_table_has_every_system_and_each_learns(quality):
+    proc, out = quality
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["suite"] == "quality"
     rows = result["systems"]
@@ -66,16 +73,10 @@ def test_quality_table_has_every_system_and_each_learns(tmp_path, tiny_debian):
         assert all(0 <= r[k] <= 1 for k in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")), (name, r)
 
 
-def test_our_head_scores_equal_the_trainers_own_evaluation(tmp_path, tiny_debian):
+def test_our_head_scores_equal_the_trainers_own_evaluation(quality, tiny_debian):
     """The bench scores our heads from predict.py's top-k with the same code that scores the peers;
     on the same test set that must equal the trainer's own distributed evaluation."""
-    out = tmp_path / "quality"
-    cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), "quality", "--data", str(tiny_debian)]
-    cmd += ["--out", str(out), "--systems", "dense", "--ranks", "2"]
-    for s in [*TINY, "train.epochs=2"]:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, out = quality
     bench = json.loads(proc.stdout.strip().splitlines()[-1])["systems"]["dense"]
     trainer = json.loads((out / "runs" / "dense" / "final_metrics.json").read_text())["final"]
     for key in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5"):
