@@ -448,23 +448,9 @@ def test_full_disk_stops_with_the_file_named_and_the_older_checkpoints_intact(tm
 def universal_state(checkpoint: Path, into: Path) -> dict[str, torch.Tensor]:
     """Every backbone parameter's fp32 value and Adam moments, whole, from DeepSpeed's universal form
     of the checkpoint's engine state (`ds_to_universal`), whatever the writer's world size."""
-    import argparse
-    import contextlib
-    import io
+    from pipeline.train.checkpoint import to_universal
 
-    from deepspeed.checkpoint.ds_to_universal import main as to_universal
-
-    args = argparse.Namespace(
-        input_folder=str(checkpoint / "backbone" / "backbone"),
-        output_folder=str(into),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
-    with contextlib.redirect_stdout(io.StringIO()):
-        to_universal(args)
+    to_universal(checkpoint / "backbone" / "backbone", into)
     state = {}
     for f in sorted((into / "zero").glob("*/*.pt")):  # <parameter>/{fp32,exp_avg,exp_avg_sq,step}.pt
         value = torch.load(f, weights_only=False)

@@ -90,19 +90,27 @@ def _load_torch(path: Path, mmap: bool = False) -> Any:
         raise BundleError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
+ONE_PROCESS = ProcessGrid(Layout(1, 1), 0, None, None)
+"""A grid of one process that holds every label (no torch.distributed needed)."""
+
+
 def merged_head_state(checkpoint: Path, config: RunConfig, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The head's state_dict over all `meta["num_labels"]` labels: the shards of the writer's
-    model-parallel group 0 (ranks 0 .. model_parallel - 1, in label order) concatenated along their
-    label dimension; replicated tensors are taken from rank 0. Checked by loading it into a head."""
+    """The head's state_dict over all `meta["num_labels"]` labels: the checkpoint's shards re-cut for
+    one process (`checkpoint.load_rank_state`). Checked by loading it into a head."""
     full = LabelRange(0, meta["num_labels"], meta["num_labels"])
     head = build_head(config.model, full, seed=config.train.seed)
-    files = [checkpoint / "head" / f"rank{r:05d}.pt" for r in range(meta["model_parallel"])]
-    shards = [{"head": _load_torch(f)["head"], "optimizer": {}} for f in files]
-    state, _ = ckpt.reshard_head_state(shards, head, full)
+    try:
+        state = ckpt.load_rank_state(checkpoint, ONE_PROCESS, head)["head"]
+    except ckpt.CheckpointError:
+        raise
+    except Exception as e:  # a cut or overwritten file: zip, pickle or storage errors
+        raise BundleError(f"{checkpoint / 'head'}: cannot be read ({type(e).__name__}: {e})") from None
     try:
         head.load_state_dict(state)
     except RuntimeError as e:
-        raise BundleError(f"{files[0].parent}: the shards do not make a {config.model.head} head: {e}") from e
+        raise BundleError(
+            f"{checkpoint / 'head'}: the shards do not make a {config.model.head} head: {e}"
+        ) from e
     return state
 
 
@@ -128,9 +136,7 @@ def _write_into(folder: Path, checkpoint: Path, config: RunConfig, meta: dict[st
             f"the checkpoint {checkpoint} has {meta['num_labels']}"
         )
     names = read_label_names(manifest)
-    ckpt.verify_files(
-        checkpoint, [BACKBONE, *(f"head/rank{r:05d}.pt" for r in range(meta["model_parallel"]))]
-    )
+    ckpt.verify_files(checkpoint, [BACKBONE, *ckpt.head_files_read(meta, ONE_PROCESS)])
     _load_torch(checkpoint / BACKBONE, mmap=True)  # damaged: fails here, also without recorded sizes
     head = merged_head_state(checkpoint, config, meta)
 
@@ -216,11 +222,8 @@ def verify_bundle(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     doc = read_bundle(path)
     for name, want in doc["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise BundleError(f"{f}: missing")
-        if f.stat().st_size != want["size"] or ckpt.file_record(f)["sha256"] != want["sha256"]:
-            raise BundleError(f"{f}: differs from the size and sha256 that {path / BUNDLE} records (damaged)")
+        if problem := ckpt.file_problem(path, name, want, record=BUNDLE):
+            raise BundleError(problem)
     return doc
 
 
@@ -353,12 +356,11 @@ def predict_topk(
             f"{model.label_range.num_labels}: predict_topk needs all (load_bundle(path) without a grid)"
         )
     batch_size = batch_size or model.config.data.batch_size
-    grid = ProcessGrid(Layout(1, 1), 0, None, None)
     out = predict(
         model.backbone,
         model.head,
         _batches(model, inputs, batch_size),
-        grid,
+        ONE_PROCESS,
         model.label_range,
         batch_size,
         k,

@@ -37,7 +37,6 @@ import random
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.label_range import LabelRange, split_labels
 
 SPARSE_BAG = "sparse_bag.pt"
+META = "meta.json"
 
 BackboneWriter = Callable[[Path], None]
 """Writes `backbone/` and `backbone.pt` into a checkpoint folder; called on every rank (may be a
@@ -75,7 +75,7 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def _complete(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step*") if (p / "meta.json").is_file())
+    return sorted(p for p in root.glob("step*") if (p / META).is_file())
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -87,7 +87,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(checkpoint folder, run folder) from either of them; the run folder holds `config.json`."""
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if (path / META).is_file():
         return path, path.parent.parent
     found = latest_checkpoint(checkpoint_root(path))
     if found is None:
@@ -96,7 +96,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    meta_file = path / "meta.json"
+    meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
     try:
@@ -107,7 +107,6 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 # ----- integrity ----------------------------------------------------------------------------------
 
-META = "meta.json"
 _HASH_CHUNK = 1 << 22
 
 
@@ -124,16 +123,17 @@ def _listed_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != META)
 
 
-def _file_problem(folder: Path, name: str, want: dict[str, Any]) -> str | None:
-    """Why `folder/name` does not match its record in meta.json, or None when it does."""
+def file_problem(folder: Path, name: str, want: dict[str, Any], record: str = META) -> str | None:
+    """Why `folder/name` does not match `want` (its `file_record` as the file `record` holds it), or
+    None when it does."""
     path = folder / name
     if not path.is_file():
         return f"{path}: missing"
     size = path.stat().st_size
     if size != want["size"]:
-        return f"{path}: {size} bytes, meta.json records {want['size']} (cut short or overwritten)"
+        return f"{path}: {size} bytes, {record} records {want['size']} (cut short or overwritten)"
     if file_record(path)["sha256"] != want["sha256"]:
-        return f"{path}: sha256 differs from the one meta.json records (the file is damaged)"
+        return f"{path}: sha256 differs from the one {record} records (the file is damaged)"
     return None
 
 
@@ -147,7 +147,7 @@ def verify_files(path: Path, names: list[str] | None = None) -> None:
     for name in files if names is None else names:
         if name not in files:
             raise CheckpointError(f"{path / name}: not recorded in {path / META}")
-        if problem := _file_problem(path, name, files[name]):
+        if problem := file_problem(path, name, files[name]):
             raise CheckpointError(problem)
 
 
@@ -157,7 +157,7 @@ def _collective_problems(path: Path, grid: ProcessGrid) -> list[str]:
     try:
         files = read_meta(path).get("files") or {}
         names = sorted(files)[grid.rank :: grid.world_size]
-        found = [p for n in names if (p := _file_problem(path, n, files[n]))]
+        found = [p for n in names if (p := file_problem(path, n, files[n]))]
     except (CheckpointError, ValueError) as e:
         found = [str(e)]
     gathered: list[list[str]] = [[] for _ in range(grid.world_size)]
@@ -199,7 +199,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----- writing ------------------------------------------------------------------------------------
 
 
-@contextmanager
+@contextlib.contextmanager
 def _writing(what: Path | str) -> Iterator[None]:
     """A failed write (disk full, permission, ...) as a CheckpointError naming what was written."""
     try:
@@ -393,27 +393,34 @@ def restore_head(head: nn.Module, optimizer: torch.optim.Optimizer | None, state
         optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in entry.items()}
 
 
+def to_universal(deepspeed_folder: Path, out: Path) -> None:
+    """DeepSpeed's universal form of one engine checkpoint (`ds_to_universal`, in this process):
+    `out/zero/<parameter>/{fp32,exp_avg,exp_avg_sq,step}.pt`, every tensor whole, whatever the
+    writer's partitioning. Checkpoints written without DeepSpeed's universal-checkpoint record get
+    its default one."""
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    args = argparse.Namespace(
+        input_folder=str(deepspeed_folder),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with _writing(out), contextlib.redirect_stdout(io.StringIO()):
+        convert(args)
+
+
 def universal_backbone(path: Path, grid: ProcessGrid) -> Path:
-    """The backbone's DeepSpeed checkpoint in `path`, converted by rank 0 to DeepSpeed's universal
-    form (`ds_to_universal`: every parameter's fp32 value and Adam moments whole, one folder each)
-    into `<root>/.universal-<step>/backbone`, which an engine of any data-parallel size loads
-    (collective). The caller removes it after loading (`drop_universal`)."""
+    """The backbone's DeepSpeed checkpoint in `path`, converted by rank 0 to the universal form
+    (`to_universal`) into `<root>/.universal-<step>/backbone`, which an engine of any data-parallel
+    size loads (collective). The caller removes it after loading (`drop_universal`)."""
     target = path.parent / f".universal-{path.name}"
     if grid.rank == 0:
-        from deepspeed.checkpoint.ds_to_universal import main as to_universal
-
         shutil.rmtree(target, ignore_errors=True)
-        args = argparse.Namespace(
-            input_folder=str(path / "backbone" / "backbone"),
-            output_folder=str(target / "backbone"),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=True,
-        )
-        with _writing(target), contextlib.redirect_stdout(io.StringIO()):
-            to_universal(args)
+        to_universal(path / "backbone" / "backbone", target / "backbone")
     dist.barrier()
     return target
 

@@ -206,7 +206,6 @@ class Trainer:
         )
         self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
         self.position = Position()
-        self.last_saved: Path | None = None
         self.logbook = Logbook(self.out, enabled=self.rank0)
         if resume is not None:
             self.restore(resume)
@@ -348,7 +347,7 @@ class Trainer:
             rewire_generator=self.rewire_generator.get_state(),
             label_range=vars(self.label_range).copy(),
         )
-        self.last_saved = ckpt.write_checkpoint(
+        return ckpt.write_checkpoint(
             ckpt.checkpoint_root(self.out),
             self.position.step,
             self.grid,
@@ -357,7 +356,6 @@ class Trainer:
             {"num_labels": self.num_labels, "head": self.config.model.head},
             keep=self.config.train.keep_checkpoints,
         )
-        return self.last_saved
 
     def restore(self, path: Path) -> None:
         """Continue from checkpoint `path`, written by any grid. The same world size: everything is
@@ -409,12 +407,13 @@ class Trainer:
         batches = self.train_batches()
         bar = progress_bar(total, "train", enabled=self.rank0, initial=self.position.step)
         bad_in_a_row, window, window_s = 0, [], 0.0
-        saved_at = None
+        saved: tuple[int, Path] | None = None  # (step, path) of the last periodic checkpoint
         while True:
             if self.stop_agreed:  # after the step's log line and periodic checkpoint
                 self.position.train_seconds += window_s
-                saved = self.save() if saved_at != self.position.step else self.last_saved
-                raise Preempted(signal_name(self.stop_agreed), self.position.step, saved)
+                done = saved is not None and saved[0] == self.position.step
+                path = saved[1] if done else self.save()
+                raise Preempted(signal_name(self.stop_agreed), self.position.step, path)
             if self.position.step >= total:
                 break
             started = time.perf_counter()
@@ -452,8 +451,7 @@ class Trainer:
                     "eval", step, self.evaluate() | {"train_s": self.position.train_seconds + window_s}
                 )
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                self.save()
-                saved_at = step
+                saved = (step, self.save())
         bar.close()
         final = self.evaluate()
         self.logbook.log("eval", self.position.step, final | {"train_s": self.position.train_seconds})
