@@ -475,13 +475,13 @@ def merged_head(checkpoint: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "stage, sets, layouts",
     [
-        ("zero1", [], [(4, 2), (2, 2), (4, 2)]),  # 2 dp x 2 mp -> 1 x 2 -> 2 x 2
-        ("zero3", ["model.sparse_bag=false"], [(4, 2), (2, 1)]),  # the bag's table in ZeRO-3; 2 x 2 -> 2 x 1
+        ("zero1", [], [(4, 2), (2, 2)]),  # 2 dp x 2 mp -> 1 x 2
+        ("zero3", ["model.sparse_bag=false"], [(2, 1), (4, 2)]),  # the bag's table in ZeRO-3; 2 x 1 -> 2 x 2
     ],
 )
 def test_resume_on_another_world_size_restores_the_state_exactly(tmp_path, data, stage, sets, layouts):
-    """A checkpoint of step 4 written by 4 ranks is resumed on 2 ranks, and (ZeRO-1) that one's back
-    on 4 (`train.steps=4`: each resumed job only evaluates and writes its own checkpoint of step 4). The
+    """A checkpoint of step 4 written by 4 ranks is resumed on 2 (ZeRO-1), one written by 2 ranks on 4
+    (ZeRO-3) (`train.steps=4`: the resumed job only evaluates and writes its own checkpoint of step 4). The
     backbone's fp32 weights and Adam moments (compared in DeepSpeed's universal form, which does not
     depend on the writer's partitioning), its full weights and the merged head with its moments are
     bit-identical across the three checkpoints: the re-partitioning moves values, it computes none.
