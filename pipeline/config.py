@@ -45,7 +45,15 @@ class DataConfig(Section):
     )
     batch_size: int = Field(256, ge=1, description="samples per rank per step")
     num_workers: int = Field(1, ge=0)
-    shuffle_buffer: int = Field(2_000, ge=0)
+    shuffle_buffer: int = Field(2_000, ge=0, description="samples each data stream shuffles among")
+    streams: int | None = Field(
+        None,
+        ge=1,
+        description="V, the data streams the training order is cut into (`pipeline.data.partition`): the "
+        "order depends on (train.seed, V, the global batch), not on the world size, which must divide V. "
+        "None: the first run's world size, kept by its checkpoints. A run that may resume on more ranks "
+        "needs V a multiple of those world sizes too (e.g. 24 serves 1, 2, 3, 4, 6, 8, 12 and 24)",
+    )
     bad_samples: Literal["error", "skip"] = "error"
 
 

@@ -50,21 +50,21 @@ def test_equal_batch_counts_and_fixed_batch_size_with_uneven_shards(uneven, worl
     assert len(valid) == len(set(valid))  # never twice
     if not drop_last:
         assert sorted(valid) == list(range(31))  # exactly once, padding excluded
-        largest_unit = -(-31 // (world * workers))
-        assert counts[0] == workers * -(-largest_unit // 4)
+        largest_stream = -(-31 // world)  # one stream per rank by default, whatever the workers
+        assert counts[0] == -(-largest_stream // 4)
 
 
-def test_fewer_samples_than_ranks_x_workers(tmp_path):
+def test_fewer_samples_than_streams(tmp_path):
     write_xmc(tmp_path / "t.txt", n=3)
     convert_xmc(tmp_path / "t.txt", tmp_path / "out", progress=False)
-    seen = collect(tmp_path / "out", world=2, workers=2, shuffle=False)
+    seen = collect(tmp_path / "out", world=2, workers=2, shuffle=False, streams=4)
     assert sorted(seen) == [0, 1, 2]
-    # 4 units over 3 samples: unit 0 (rank 0, worker 0) has none and sends a padding batch of empty rows
-    got = batches(tmp_path / "out", rank=0, world=2, num_workers=2)
-    assert len(got) == 2 and sorted(b.num_valid for b in got) == [0, 1]
-    empty = next(b for b in got if b.num_valid == 0)
-    assert empty.size == 4 and (empty.label_indptr == 0).all() and (empty.sample_ids == -1).all()
-    assert len(empty.feature_indices) == 0 and (empty.feature_offsets == 0).all()
+    # 4 streams over 3 samples, 2 from each per global batch of 2 x 4: rank 0 serves streams 0 (none)
+    # and 1 (sample 0), so its one batch is 2 empty rows, sample 0, and a repeat of it
+    (got,) = batches(tmp_path / "out", rank=0, world=2, num_workers=2, streams=4)
+    assert got.valid.tolist() == [False, False, True, False]
+    assert got.sample_ids.tolist() == [-1, -1, 0, 0] and got.label_indptr[:3].tolist() == [0, 0, 0]
+    assert (got.feature_offsets[:3] == 0).all()
 
 
 def _train_like(rank: int, world: int, source: str) -> list[int]:
@@ -94,22 +94,69 @@ def test_deterministic_for_a_seed_and_epoch(uneven):
     assert torch.cat([b.sample_ids[b.valid] for b in unshuffled]).tolist() == list(range(31))
 
 
+def global_batches(source, world: int, batch_size: int, workers: int, **kw) -> list[list[int]]:
+    """The valid sample ids of every global batch: the ranks' batches of a step, in rank order."""
+    per_rank = [
+        [
+            b.sample_ids[b.valid].tolist()
+            for b in make_loader(source, batch_size, r, world, num_workers=workers, **kw)
+        ]
+        for r in range(world)
+    ]
+    assert len({len(p) for p in per_rank}) == 1
+    return [sum((p[step] for p in per_rank), []) for step in range(len(per_rank[0]))]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_the_sample_order_does_not_depend_on_world_size_or_workers(uneven):
+    """With 4 streams and a global batch of 8, 1 rank x 8, 2 x 4 and 4 x 2 see the same global batches,
+    whatever the workers; each sample once, shuffled."""
+    kw = dict(streams=4, seed=3, epoch=1, shuffle_buffer=5)
+    one = global_batches(uneven, 1, 8, 0, **kw)
+    assert global_batches(uneven, 2, 4, 2, **kw) == one
+    assert global_batches(uneven, 4, 2, 3, **kw) == one
+    assert sorted(sum(one, [])) == list(range(31)) and sum(one, []) != list(range(31))
+    assert global_batches(uneven, 2, 4, 1, **{**kw, "streams": 2}) != one  # V is part of the order
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers", [0, 2, 3])
-def test_resume_from_batches_consumed(uneven, workers):
-    kw = dict(rank=1, world=2, num_workers=workers, seed=4, epoch=3, shuffle_buffer=6, batch_size=2)
-    full = fingerprint(batches(uneven, **kw))
-    assert len(full) == make_loader(uneven, 2, 1, 2, num_workers=workers).batches_per_epoch
+def test_resume_from_samples_consumed(uneven, workers):
+    kw = dict(num_workers=workers, seed=4, epoch=3, shuffle_buffer=6)
+    full = fingerprint(batches(uneven, rank=1, world=2, batch_size=2, **kw))
+    first = make_loader(uneven, 2, 1, 2, **kw)
+    assert len(full) == first.batches_per_epoch
     for skip in (1, 2, 5, len(full) - 1, len(full)):
-        loader = make_loader(
-            uneven, 2, 1, 2, num_workers=workers, seed=4, epoch=3, shuffle_buffer=6, skip_batches=skip
-        )
+        loader = make_loader(uneven, 2, 1, 2, position=first.position_after(skip), **kw)
         assert len(loader) == len(full) - skip
         assert fingerprint(loader) == full[skip:], f"skip={skip}"
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_resume_on_another_world_size_and_batch_size(uneven):
+    """A position taken on 4 ranks continues on 2 (same global batch: the same batches) and on 1 rank
+    with a global batch of 12 (other batches, the same samples left, none twice)."""
+    kw = dict(streams=4, seed=5, shuffle_buffer=5)
+    whole = global_batches(uneven, 4, 2, 1, **kw)
+    position = make_loader(uneven, 2, 0, 4, **kw).position_after(2)
+    assert position == [4, 4, 4, 4]
+    assert global_batches(uneven, 2, 4, 2, position=position, **kw) == whole[2:]
+    rest = global_batches(uneven, 1, 12, 0, position=position, **kw)
+    assert len(rest) == 2 and sorted(sum(rest, [])) == sorted(sum(whole[2:], []))
+
+
+def test_streams_must_fit_the_world_and_the_global_batch(uneven):
+    with pytest.raises(ValueError, match="6 data streams cannot be shared by 4 ranks"):
+        make_loader(uneven, 2, 0, 4, streams=6)
+    with pytest.raises(ValueError, match="global batch of 2 x 2 samples cannot take one from each of 8"):
+        make_loader(uneven, 2, 0, 2, streams=8)
+    with pytest.raises(ValueError, match="not a sample count for each of 2 data streams"):
+        make_loader(uneven, 2, 0, 2, position=[1, 2, 3])
+
+
 def test_set_epoch_restarts_from_the_first_batch(uneven):
-    loader = make_loader(uneven, 4, 0, 1, num_workers=0, skip_batches=3, epoch=0)
+    first = make_loader(uneven, 4, 0, 1, num_workers=0, epoch=0)
+    loader = make_loader(uneven, 4, 0, 1, num_workers=0, epoch=0, position=first.position_after(3))
     assert len(list(loader)) == len(loader) == loader.batches_per_epoch - 3
     loader.set_epoch(1)
     assert fingerprint(loader) == fingerprint(batches(uneven, num_workers=0, epoch=1))

@@ -243,24 +243,16 @@ def test_dynamic_padding_and_truncation(tmp_path, tokenizer, reference):
     assert_tokens(second, reference)
 
 
-def test_resume_skip_batches_and_determinism_for_text(tmp_path, tokenizer):
+def test_resume_from_a_position_and_determinism_for_text(tmp_path, tokenizer):
     write_lines(tmp_path / "t.jsonl", [{"text": t, "labels": [i % 4]} for i, t in enumerate(make_texts(23))])
     convert_text(tmp_path / "t.jsonl", tmp_path / "out", shard_size=5, block_size=2, progress=False)
     source = tmp_path / "out" / "train"
 
+    kw = dict(num_workers=2, seed=4, epoch=1, shuffle_buffer=4, tokenizer=tokenizer)
+    first = make_loader(source, 2, 1, 2, **kw)
+
     def run(skip: int) -> list:
-        loader = make_loader(
-            source,
-            2,
-            1,
-            2,
-            num_workers=2,
-            seed=4,
-            epoch=1,
-            shuffle_buffer=4,
-            skip_batches=skip,
-            tokenizer=tokenizer,
-        )
+        loader = make_loader(source, 2, 1, 2, position=first.position_after(skip), **kw)
         got = [(b.sample_ids.tolist(), b.valid.tolist(), b.texts, b.input_ids.tolist()) for b in loader]
         assert len(got) == len(loader)
         return got

@@ -1,12 +1,12 @@
 """Batch: what the trainer gets, and how samples become one.
 
 Every batch has exactly `batch_size` rows on every rank (model-parallel all-gathers need equal shapes).
-Rows that only fill it up are marked `valid=False`: they repeat real rows of the same batch (or of the
-previous batch, or are empty when a rank has seen no sample at all) and must be excluded from the loss
-and the metrics. BoW features come as (indices, offsets, per-sample weights) for
-`nn.EmbeddingBag(mode="sum")`; raw texts as the model tokenizer's (input_ids, attention_mask),
-tokenized here, in the loader's workers, padded to the batch's longest row, plus the texts themselves;
-labels as CSR; a dense multi-hot matrix only on request.
+Rows that only fill it up are marked `valid=False`, anywhere in the batch: they repeat real rows read
+just before (or are empty when none was read) and must be excluded from the loss and the metrics.
+BoW features come as (indices, offsets, per-sample weights) for `nn.EmbeddingBag(mode="sum")`; raw
+texts as the model tokenizer's (input_ids, attention_mask), tokenized here, in the loader's workers,
+padded to the batch's longest row, plus the texts themselves; labels as CSR; a dense multi-hot matrix
+only on request.
 """
 
 from __future__ import annotations
@@ -89,20 +89,19 @@ def _cat(parts: list[np.ndarray], dtype) -> torch.Tensor:
 
 def collate(
     rows: list[Sample],
-    num_valid: int,
+    valid: list[bool],
     kind: str,
     dim: int = 0,
     skipped: int = 0,
     tokenizer: TextTokenizer | None = None,
 ) -> Batch:
-    """Batch of `rows`, the first `num_valid` real and the rest padding; kind "text" needs the
-    tokenizer (run here, so in the worker that collates)."""
-    valid = torch.zeros(len(rows), dtype=torch.bool)
-    valid[:num_valid] = True
+    """Batch of `rows`, where valid[i] tells a real row from padding; kind "text" needs the tokenizer
+    (run here, so in the worker that collates)."""
     sample_ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
     labels = [r[-1] for r in rows]
     label_indptr, _ = _csr(labels)
-    batch = Batch(sample_ids, valid, label_indptr, _cat(labels, np.int64), skipped=skipped)
+    mask = torch.tensor(valid, dtype=torch.bool)
+    batch = Batch(sample_ids, mask, label_indptr, _cat(labels, np.int64), skipped=skipped)
     if kind == "bow":
         ids = [r[1] for r in rows]
         _, indptr = _csr(ids)

@@ -1,8 +1,8 @@
 """Batches of texts held in memory (given on the command line or read from a file), for predicting on
 raw text without converting it to shards first.
 
-Split exactly as the loader splits a set with one worker per rank (`partition`): rank r takes the
-contiguous range `unit_range(N, world_size, r)` of the texts in their given order (no shuffle), and
+Split exactly as the loader splits an unshuffled set with one stream per rank (`partition`): rank r
+takes the contiguous range `unit_range(N, world_size, r)` of the texts in their given order, and
 every rank gets the same number of full-size batches, ceil(largest range / batch_size); rows that
 only fill them up are `valid=False` (repeats of the rank's real rows, or empty texts when the rank has
 none). sample_ids are positions in `texts`, so predictions of all ranks merge back into input order.
@@ -37,7 +37,8 @@ def text_batches(
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"text {i} is empty (or not a str): {text!r}")
     lo, hi = partition.unit_range(len(texts), world_size, rank)
-    total = partition.batches_per_worker(len(texts), world_size, batch_size, drop_last=False)
+    lengths = partition.stream_lengths(len(texts), world_size)
+    total = partition.steps_left(lengths, [0] * world_size, [batch_size] * world_size, drop_last=False)
     none = np.empty(0, np.int64)
     rows: list[Sample] = [
         (i, texts[i], none if labels is None else np.asarray(labels[i], dtype=np.int64))
@@ -47,6 +48,7 @@ def text_batches(
     for b in range(total):
         real = rows[b * batch_size : (b + 1) * batch_size]
         batch_rows = padded(real, batch_size, previous, "text", 0)
-        out.append(collate(batch_rows, len(real), "text", tokenizer=tokenizer))
+        valid = [True] * len(real) + [False] * (batch_size - len(real))
+        out.append(collate(batch_rows, valid, "text", tokenizer=tokenizer))
         previous = real or previous
     return out

@@ -1,23 +1,26 @@
-"""make_loader: stream shards to batches, split by rank and DataLoader worker, equal batches per rank.
+"""make_loader: stream shards to batches whose sequence does not depend on the world size.
 
-How the work is split and padded is in `partition` (contiguous sample ranges over the epoch's
-shuffled shard order, every worker yields the same number of batches); rows are collated in the
-workers (`collate`). Determinism: the shard order comes from (seed, epoch), each worker's shuffle
-buffer from (seed, epoch, rank, worker), and torch's DataLoader hands out worker batches round-robin,
-so the batch sequence is a function of (seed, epoch, world_size, num_workers, batch_size).
-Resume: `skip_batches=k` gives the same sequence minus its first k batches; workers take over each
-other's roles (worker w plays role (w + k) % workers) so the round-robin continues where it stopped,
-and each role reads past its skipped batches without collating them.
-Text sets: each worker tokenizes its batches with the `tokenizer` (a TextTokenizer, loaded once per
-worker process); skipped batches are not tokenized.
+Which samples go into which global batch is `partition`'s scheme: V streams, each a contiguous range
+of the epoch's shuffled shard order with its own shuffle buffer (seeded from (seed, epoch, stream)),
+and every global batch takes a fixed number of samples from each stream. A rank serves V / W of
+them. DataLoader workers split a rank's batches, not its streams: worker w collates (and tokenizes)
+batches w, w + workers, ..., and reads past the others' samples without collating them; torch hands
+worker batches out round-robin, so the rank sees them in order. Decoding is repeated in every worker
+(cheap next to collation and tokenization); the sequence is the same for any number of workers.
+
+Position: `position_after(k)` is how many samples of each stream the first k batches consumed; a
+loader built with `position=` that list continues the epoch exactly, on any world size that divides V,
+with any batch size (a new global batch changes the takes, not which samples are left).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import signal
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -67,7 +70,7 @@ class _Failure:
 
 
 class _EpochStream(IterableDataset):
-    """The batches of one rank for one epoch; each DataLoader worker plays one role."""
+    """The batches of one rank for one epoch; DataLoader worker w yields every workers-th of them."""
 
     def __init__(self, loader: ShardLoader) -> None:
         super().__init__()
@@ -75,11 +78,8 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch | _Failure]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        lo = self.loader
-        role = (worker + lo.skip_batches) % lo.roles
         try:
-            yield from lo._role_batches(role)
+            yield from self.loader._worker_batches(info.id if info is not None else 0)
         except DataError as exn:
             if info is None:
                 raise
@@ -88,7 +88,8 @@ class _EpochStream(IterableDataset):
 
 class ShardLoader:
     """Iterable of Batch for one rank and epoch; `len()` is the same on every rank. A text set needs
-    `tokenizer` (ValueError otherwise); other sets ignore it."""
+    `tokenizer` (ValueError otherwise); other sets ignore it. See the module docstring for `streams`
+    (default: world_size) and `position`."""
 
     def __init__(
         self,
@@ -102,7 +103,8 @@ class ShardLoader:
         num_workers: int = 1,
         shuffle: bool = True,
         shuffle_buffer: int = 2000,
-        skip_batches: int = 0,
+        streams: int | None = None,
+        position: list[int] | None = None,
         bad_samples: str = "error",
         drop_last: bool = False,
         prefetch_factor: int = 4,
@@ -113,34 +115,49 @@ class ShardLoader:
                 f"text shards need a tokenizer: model.encoder.path ({shard_set.manifest.path} holds raw "
                 "text; pass tokenizer=TextTokenizer(the model folder))"
             )
+        V = streams or world_size
+        if V % world_size:
+            raise ValueError(f"{V} data streams cannot be shared by {world_size} ranks: not a multiple")
+        if batch_size * world_size < V:
+            raise ValueError(
+                f"a global batch of {batch_size} x {world_size} samples cannot take one from each of "
+                f"{V} data streams"
+            )
         self.set = shard_set
         self.manifest: Manifest = shard_set.manifest
         self.tokenizer = tokenizer if self.manifest.feature_kind == "text" else None
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.epoch, self.seed = epoch, seed
         self.num_workers = num_workers
-        self.roles = max(1, num_workers)
         self.shuffle, self.shuffle_size = shuffle, shuffle_buffer
-        self.skip_batches = skip_batches
+        self.streams = V
+        self.lengths = partition.stream_lengths(shard_set.num_samples, V)
+        self.takes = partition.stream_takes(batch_size * world_size, V)
+        self.mine = partition.rank_streams(V, world_size, rank)
+        self.start = [0] * V if position is None else list(position)
+        fits = len(self.start) == V and all(map(lambda c, n: 0 <= c <= n, self.start, self.lengths))
+        if not fits:
+            raise ValueError(f"position {position} is not a sample count for each of {V} data streams")
         self.bad_samples, self.drop_last = bad_samples, drop_last
         self.prefetch_factor = prefetch_factor
         self.skipped = 0  # bad samples skipped in the last iteration (all workers)
-        self.per_worker = partition.batches_per_worker(
-            shard_set.num_samples, world_size * self.roles, batch_size, drop_last
-        )
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches every rank yields in a full epoch."""
-        return self.roles * self.per_worker
+        return partition.steps_left(self.lengths, [0] * self.streams, self.takes, self.drop_last)
 
     def __len__(self) -> int:
-        """Batches the next iteration yields: a full epoch minus `skip_batches`."""
-        return max(0, self.batches_per_epoch - self.skip_batches)
+        """Batches the next iteration yields: the rest of the epoch from `position`."""
+        return partition.steps_left(self.lengths, self.start, self.takes, self.drop_last)
+
+    def position_after(self, batches: int) -> list[int]:
+        """Samples of each stream consumed once this iteration has yielded `batches` batches."""
+        return partition.advance(self.start, self.takes, self.lengths, batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Move to another epoch (and start it from its first batch)."""
-        self.epoch, self.skip_batches = epoch, 0
+        self.epoch, self.start = epoch, [0] * self.streams
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped = 0
@@ -156,8 +173,8 @@ class ShardLoader:
                     prefetch_factor=self.prefetch_factor,
                     persistent_workers=False,
                     # its own generator: starting workers must not draw from the global RNG (a resumed
-                    # run would draw its dropout masks from a shifted stream); the workers' shuffles
-                    # are seeded from (seed, epoch, rank, worker) anyway
+                    # run would draw its dropout masks from a shifted stream); the shuffles are
+                    # seeded from (seed, epoch, stream) anyway
                     generator=torch.Generator().manual_seed(self.seed),
                     worker_init_fn=_ignore_stop_signals,
                 )
@@ -180,56 +197,45 @@ class ShardLoader:
             )
 
     # -- inside a worker ---------------------------------------------------------------------------
-    def _role_batches(self, role: int) -> Iterator[Batch]:
-        m, B = self.manifest, self.batch_size
-        unit = self.rank * self.roles + role
+    def _stream_samples(self, reader: SegmentReader, stream: int) -> Iterator[Sample]:
         counts = [s.num_samples for s in self.set.shards]
         order = partition.epoch_order(len(counts), self.seed, self.epoch, self.shuffle)
-        lo, hi = partition.unit_range(self.set.num_samples, self.world_size * self.roles, unit)
-        reader = SegmentReader(self.set, self.bad_samples)
+        lo, hi = partition.unit_range(self.set.num_samples, self.streams, stream)
         samples = reader.samples(partition.segments(counts, order, lo, hi))
         if self.shuffle:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{unit}")
+            rng = random.Random(f"{self.seed}/{self.epoch}/{stream}")
             samples = shuffle_buffer(samples, self.shuffle_size, rng)
-        skip = partition.skipped_for_role(self.skip_batches, role, self.roles)
-        total, produced, reported = self.per_worker, 0, 0
-        previous: list[Sample] = []
-        kind, dim = m.feature_kind, m.num_features
+        return samples
 
-        def make(rows: list[Sample]) -> Batch | None:
-            nonlocal produced, reported, previous
-            produced += 1
-            if produced <= skip:
-                previous = rows or previous
-                return None
-            batch = collate(
-                padded(rows, B, previous, kind, dim),
-                len(rows),
-                kind,
-                dim,
-                reader.skipped - reported,
-                tokenizer=self.tokenizer,
-            )
-            reported = reader.skipped
-            previous = rows or previous
-            return batch
-
-        rows: list[Sample] = []
-        if total > 0:
-            for sample in samples:
-                rows.append(sample)
-                if len(rows) == B:
-                    batch = make(rows)
-                    rows = []
-                    if batch is not None:
-                        yield batch
-                    if produced == total:
-                        break
-        while produced < total:  # last partial batch, then all-padding batches
-            batch = make(rows)
-            rows = []
-            if batch is not None:
-                yield batch
+    def _worker_batches(self, worker: int) -> Iterator[Batch]:
+        """Batches worker, worker + workers, ... of this iteration. Every stream first reads past the
+        samples before `position`; a stream short of its take pads with repeats of its latest samples
+        (the same ones whether or not the run was resumed), or empty rows before it has read any."""
+        m, workers = self.manifest, max(1, self.num_workers)
+        reader = SegmentReader(self.set, self.bad_samples)
+        streams, recent = [], []
+        for s in self.mine:
+            samples = self._stream_samples(reader, s)
+            latest = deque(itertools.islice(samples, self.start[s]), maxlen=self.takes[s])
+            streams.append(samples)
+            recent.append(latest)
+        own_bad, total = 0, len(self)
+        for k in range(total):
+            if k > total - 1 - (total - 1 - worker) % workers:
+                break  # past this worker's last batch
+            before = reader.skipped
+            rows: list[Sample] = []
+            valid: list[bool] = []
+            for s, samples, latest in zip(self.mine, streams, recent, strict=True):
+                got = list(itertools.islice(samples, self.takes[s]))
+                rows += padded(got, self.takes[s], list(latest), m.feature_kind, m.num_features)
+                valid += [True] * len(got) + [False] * (self.takes[s] - len(got))
+                latest.extend(got)
+            if k % workers != worker:
+                continue
+            own_bad += reader.skipped - before
+            yield collate(rows, valid, m.feature_kind, m.num_features, own_bad, tokenizer=self.tokenizer)
+            own_bad = 0
 
 
 def make_loader(
@@ -243,7 +249,8 @@ def make_loader(
     num_workers: int = 1,
     shuffle: bool = True,
     shuffle_buffer: int = 2000,
-    skip_batches: int = 0,
+    streams: int | None = None,
+    position: list[int] | None = None,
     bad_samples: str = "error",
     drop_last: bool = False,
     expected: tuple[int, int] | None = None,
@@ -255,16 +262,18 @@ def make_loader(
 
     source: folder with manifest.json (local or URL), or shard URL / brace list (manifest beside the
     shards, or `manifest=`). expected: (num_features, num_labels) from the run configuration; a
-    mismatch with the manifest is a DataError. Resume with the same world_size, num_workers and
-    batch_size and `skip_batches` = batches already consumed this epoch. tokenizer: required for a
-    text set (its batches carry input_ids, attention_mask and texts), ignored otherwise.
+    mismatch with the manifest is a DataError. streams: V, the data streams of the sample order
+    (default world_size; world_size must divide it, and batch_size x world_size be at least V).
+    position: samples already consumed of each stream this epoch (a loader's `position_after`), to
+    continue it, on this or another world size. tokenizer: required for a text set (its batches carry
+    input_ids, attention_mask and texts), ignored otherwise.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-    if num_workers < 0 or skip_batches < 0 or shuffle_buffer < 0:
-        raise ValueError("num_workers, skip_batches and shuffle_buffer must not be negative")
+    if num_workers < 0 or shuffle_buffer < 0:
+        raise ValueError("num_workers and shuffle_buffer must not be negative")
     if bad_samples not in ("error", "skip"):
         raise ValueError(f"bad_samples must be 'error' or 'skip', got {bad_samples!r}")
     shard_set = resolve(source, manifest)
@@ -280,7 +289,8 @@ def make_loader(
         num_workers=num_workers,
         shuffle=shuffle,
         shuffle_buffer=shuffle_buffer,
-        skip_batches=skip_batches,
+        streams=streams,
+        position=position,
         bad_samples=bad_samples,
         drop_last=drop_last,
         prefetch_factor=prefetch_factor,

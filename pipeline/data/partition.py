@@ -1,16 +1,19 @@
-"""Which samples each (rank, worker) reads in an epoch, and how many batches everyone yields.
+"""Which samples each rank reads in an epoch, in which global batch, and how many batches there are.
 
-Scheme: the epoch's shard order (shuffled from (seed, epoch), or manifest order) is one stream of N
-samples. It is cut into `world_size * workers` contiguous ranges of floor/ceil(N / units) samples,
-rank-major: unit u = rank * workers + worker. A unit reads whole shards where its range covers them
-and part of a shard at its two ends (skipping the leading samples without decoding them), so each
-sample belongs to exactly one unit, and it works with fewer shards than units (units then share a
-shard). Units differ by at most one sample, so padding is at most one partial batch per worker.
+Training scheme (streams): the epoch's shard order (shuffled from (seed, epoch), or manifest order)
+is one sequence of N samples, cut into V contiguous streams of floor/ceil(N / V) samples; each stream
+has its own shuffle buffer. Every global batch of G = batch_size x world_size samples takes the same
+number of samples from each stream, `stream_takes(G, V)` (G // V or one more). Rank r of W serves the
+V / W consecutive streams `rank_streams(V, W, r)`, whose takes add up to exactly its batch_size. The
+sequence of global batches is therefore a function of (seed, epoch, V, G) alone: a job resumed on
+another world size with the same global batch continues it exactly, and the data position is a
+count of samples per stream (`advance`), whatever the batch size.
 
-Every worker yields the same number of batches T: ceil(largest unit / B), or floor(smallest unit / B)
-with drop_last (extra samples of bigger units are then dropped); a worker that runs dry pads with
-batches whose rows are all `valid=False`. A rank yields workers * T batches, so no rank waits on
-another. The batch count depends on world_size, workers and batch_size, not on the data order.
+A stream that runs dry fills its part of the batch with padding rows (`valid=False`), so every rank
+yields the same number of batches, `steps_left` (with drop_last: only batches where no stream is dry).
+
+With V = world_size (evaluation, prediction, and training by default) rank r reads one contiguous
+range, `unit_range(N, W, r)`, and every rank yields ceil(largest range / batch_size) batches.
 """
 
 from __future__ import annotations
@@ -37,9 +40,35 @@ def unit_range(total: int, units: int, unit: int) -> tuple[int, int]:
     return unit * total // units, (unit + 1) * total // units
 
 
-def batches_per_worker(total: int, units: int, batch_size: int, drop_last: bool) -> int:
-    smallest, largest = total // units, -(-total // units)
-    return smallest // batch_size if drop_last else -(-largest // batch_size)
+def stream_takes(global_batch: int, streams: int) -> list[int]:
+    """Samples stream s gives to every global batch: floor((s+1) G / V) - floor(s G / V), at least one
+    when G >= V. The takes of a rank's V / W streams add up to floor((r+1) G / W) - floor(r G / W),
+    which is G / W when W divides G."""
+    return [(s + 1) * global_batch // streams - s * global_batch // streams for s in range(streams)]
+
+
+def rank_streams(streams: int, world_size: int, rank: int) -> range:
+    """The streams rank `rank` serves (world_size divides streams)."""
+    per = streams // world_size
+    return range(rank * per, (rank + 1) * per)
+
+
+def stream_lengths(total: int, streams: int) -> list[int]:
+    return [hi - lo for lo, hi in (unit_range(total, streams, s) for s in range(streams))]
+
+
+def steps_left(lengths: list[int], consumed: list[int], takes: list[int], drop_last: bool) -> int:
+    """Global batches left in the epoch after stream s gave consumed[s] of its lengths[s] samples: until
+    the last stream is dry (drop_last: while none is short of its take)."""
+    left = [max(0, n - c) for n, c in zip(lengths, consumed, strict=True)]
+    if drop_last:
+        return min(r // t for r, t in zip(left, takes, strict=True))
+    return max(-(-r // t) for r, t in zip(left, takes, strict=True))
+
+
+def advance(consumed: list[int], takes: list[int], lengths: list[int], steps: int) -> list[int]:
+    """Samples of each stream given after `steps` more global batches."""
+    return [min(n, c + steps * t) for c, t, n in zip(consumed, takes, lengths, strict=True)]
 
 
 def segments(counts: list[int], order: list[int], lo: int, hi: int) -> list[Segment]:
@@ -54,8 +83,3 @@ def segments(counts: list[int], order: list[int], lo: int, hi: int) -> list[Segm
         if pos >= hi:
             break
     return out
-
-
-def skipped_for_role(skip_batches: int, role: int, workers: int) -> int:
-    """Batches of worker role `role` among the first `skip_batches` of the round-robin order."""
-    return max(0, (skip_batches - role + workers - 1) // workers)

@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import RunConfig, TrainConfig
+from pipeline.config import ConfigError, RunConfig, TrainConfig
 from pipeline.data import Batch, make_loader, read_manifest
 from pipeline.models.build import build_backbone, build_head, build_tokenizer
 from pipeline.models.group_batch import GroupBatch, group_batch
@@ -126,12 +126,15 @@ def backbone_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any]) 
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps done, the data position within the epoch, and the
-    seconds spent in optimizer steps so far (not in evaluation or checkpoints; kept across resumes)."""
+    """Where training stands: optimizer steps done; the data position, as the epoch and the samples
+    consumed of each of its `streams` data streams (empty: none yet), which carries over to any world
+    size and batch size; and the seconds spent in optimizer steps so far (not in evaluation or
+    checkpoints; kept across resumes)."""
 
+    streams: int
     step: int = 0
     epoch: int = 0
-    batches: int = 0
+    samples: list[int] = field(default_factory=list)
     train_seconds: float = 0.0
 
 
@@ -160,6 +163,8 @@ class Trainer:
         self.num_labels = m.num_labels
         self.label_range: LabelRange = split_labels(m.num_labels, grid.mp, grid.mp_rank)
         self.rank0 = grid.rank == 0
+        self.position = Position(streams=config.data.streams or grid.world_size)
+        self.check_streams("data.streams")
 
         if not torch.cuda.is_available():
             keep_freed_memory()
@@ -205,14 +210,26 @@ class Trainer:
             self.head.named_parameters(), dp_process_set(), p.compression, p.topk_fraction, p.sync_every
         )
         self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
-        self.position = Position()
         self.logbook = Logbook(self.out, enabled=self.rank0)
         if resume is not None:
             self.restore(resume)
 
     # ----- data -----------------------------------------------------------------------------------
 
-    def loader(self, source: str, epoch: int, skip: int, train: bool):
+    def check_streams(self, origin: str) -> None:
+        """The data streams fit this world: it divides them, and the global batch takes from each."""
+        streams, world = self.position.streams, self.grid.world_size
+        if streams % world or self.config.data.batch_size * world < streams:
+            raise ConfigError(
+                f"{origin}: {streams} data streams do not fit {world} ranks of data.batch_size="
+                f"{self.config.data.batch_size} (the world size must divide them and the global batch "
+                "take at least one sample from each); a run that may change its world size needs "
+                "data.streams set, at its start, to a multiple of every world size it may run on"
+            )
+
+    def loader(self, source: str, epoch: int, train: bool, position: list[int] | None = None):
+        """This rank's batches of `source`: the training order (shuffled, in the run's data streams,
+        from `position`) or, for evaluation, the set in order in one contiguous range per rank."""
         d = self.config.data
         return make_loader(
             source,
@@ -224,7 +241,8 @@ class Trainer:
             num_workers=d.num_workers,
             shuffle=train,
             shuffle_buffer=d.shuffle_buffer,
-            skip_batches=skip,
+            streams=self.position.streams if train else None,
+            position=position,
             bad_samples=d.bad_samples,
             expected=(self.train_manifest.num_features, self.num_labels),
             tokenizer=self.tokenizer,
@@ -233,12 +251,13 @@ class Trainer:
     def train_batches(self):
         """Batches forever, epoch after epoch, starting at the saved data position."""
         while True:
-            loader = self.loader(self.config.data.train, self.position.epoch, self.position.batches, True)
-            for batch in loader:
-                self.position.batches += 1  # counted when handed out: a checkpoint after it skips it
+            p = self.position
+            loader = self.loader(self.config.data.train, p.epoch, True, p.samples or None)
+            for handed_out, batch in enumerate(loader, 1):
+                p.samples = loader.position_after(handed_out)  # a checkpoint after this step skips it
                 yield batch
-            self.position.epoch += 1
-            self.position.batches = 0
+            p.epoch += 1
+            p.samples = []
 
     # ----- model ----------------------------------------------------------------------------------
 
@@ -315,7 +334,7 @@ class Trainer:
 
     def evaluate(self, source: str | None = None) -> dict[str, float]:
         """Full metric set over a shard set (the test set by default)."""
-        batches = self.loader(source or self.config.data.test, 0, 0, train=False)
+        batches = self.loader(source or self.config.data.test, 0, train=False)
         return evaluate(
             self.engine.module,
             self.head,
@@ -332,7 +351,7 @@ class Trainer:
 
     def baseline(self) -> dict[str, float]:
         """Metrics of predicting the most frequent training labels for everyone, on the test set."""
-        batches = self.loader(self.config.data.test, 0, 0, train=False)
+        batches = self.loader(self.config.data.test, 0, train=False)
         return popularity(batches, self.new_metrics(), self.train_manifest.label_frequencies)
 
     # ----- checkpoints ----------------------------------------------------------------------------
@@ -362,7 +381,9 @@ class Trainer:
         restored exactly. Another model-parallel size: the head is re-cut; per-rank state (RNG
         streams, exchange residuals, the rewiring generator) starts afresh. Another world size (a
         trainer built with `resume=path`): the backbone and its optimizer state go through
-        DeepSpeed's universal checkpoint, re-partitioned for this data-parallel size."""
+        DeepSpeed's universal checkpoint, re-partitioned for this data-parallel size. The data
+        position (samples consumed per data stream) continues the same sample order on any world
+        size that divides the run's streams; with the same global batch, the same batches."""
         meta = ckpt.read_meta(path)
         other_world = meta["world_size"] != self.grid.world_size
         if other_world and not self.engine.load_universal_checkpoint():
@@ -392,10 +413,19 @@ class Trainer:
         ):
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
-        self.position = Position(**state["position"])
-        if other_world:  # the same number of samples into the epoch, in this world's batches
-            consumed = self.position.batches * self.config.data.batch_size * meta["world_size"]
-            self.position.batches = consumed // (self.config.data.batch_size * self.grid.world_size)
+        saved = state["position"]
+        if "streams" not in saved:
+            raise ckpt.CheckpointError(
+                f"{path} counts its data position in batches (an older version): resume it with that version"
+            )
+        wanted = self.config.data.streams
+        if wanted is not None and wanted != saved["streams"]:
+            raise ConfigError(
+                f"data.streams={wanted}, but {path} was written with {saved['streams']} data streams: the "
+                "position in the data order does not carry over to another number of streams"
+            )
+        self.position = Position(**saved)
+        self.check_streams(f"resuming {path}")
 
     # ----- the run --------------------------------------------------------------------------------
 
