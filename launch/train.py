@@ -33,6 +33,7 @@ from pathlib import Path
 import torch.distributed
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config
+from pipeline.data.partition import streams_misfit
 from pipeline.parallel.distributed import Peer, detect_launcher, env_rank, init_distributed
 from pipeline.parallel.grid import GridError, Layout, build_grid
 from pipeline.parallel.horovod import init_horovod, shutdown_horovod
@@ -58,11 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_before_start(config: RunConfig) -> None:
-    """Fail before start-up when the model-parallel size cannot divide the launched world, or when the
-    synthetic set would have to be generated but data.train/data.test are not a <folder>/train,
-    <folder>/test pair."""
-    world = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
-    Layout(int(world), config.parallel.model_parallel)
+    """Fail before start-up when the model-parallel size or data.streams cannot fit the launched world,
+    or when the synthetic set would have to be generated but data.train/data.test are not a
+    <folder>/train, <folder>/test pair."""
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1")
+    Layout(world, config.parallel.model_parallel)
+    if config.data.streams and (misfit := streams_misfit(config.data.streams, world, config.data.batch_size)):
+        raise ConfigError(f"data.streams: {misfit}")
     train, test = Path(config.data.train), Path(config.data.test)
     generate = config.data.synthetic is not None and not (train / "manifest.json").is_file()
     if generate and ((train.name, test.name) != ("train", "test") or train.parent != test.parent):

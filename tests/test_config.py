@@ -124,15 +124,25 @@ def test_train_cli_exits_2_before_startup(tmp_path, raw, extra, message):
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
-def test_model_parallel_must_divide_world(tmp_path):
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["parallel.model_parallel=3"], "parallel.model_parallel=3 must be >= 1 and divide the world size 4"),
+        (["data.streams=6"], "config error: data.streams: 6 data streams cannot be shared by 4 ranks"),
+        (
+            ["data.streams=8", "data.batch_size=1"],
+            "data.streams: a global batch of 1 x 4 samples cannot take one from each of 8 data streams",
+        ),
+    ],
+)
+def test_the_grid_and_the_data_streams_must_fit_the_world(tmp_path, sets, message):
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "launch" / "train.py"),
             "--config",
             str(write(tmp_path, {})),
-            "--set",
-            "parallel.model_parallel=3",
+            *(arg for s in sets for arg in ("--set", s)),
         ],
         capture_output=True,
         text=True,
@@ -141,4 +151,4 @@ def test_model_parallel_must_divide_world(tmp_path):
         env={**os.environ, "WORLD_SIZE": "4"},
     )
     assert proc.returncode == 2
-    assert "parallel.model_parallel=3 must be >= 1 and divide the world size 4" in proc.stderr
+    assert message in proc.stderr

@@ -496,3 +496,14 @@ def test_resume_on_another_world_size_continues_the_uninterrupted_run(tmp_path, 
         checkpoint = uninterrupted[source] / "checkpoints" / "step00000004"
         resumed = layout_job(tmp_path / f"{source}-to-{target}", data, target, sets, checkpoint)
         assert_same(resumed, uninterrupted[target], range(5, 9))
+    if stage == "zero1":  # another number of streams cannot place the saved position
+        out = tmp_path / "other-streams"
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
+        args = train_args(out, data, *sets, "data.streams=2", "data.batch_size=16", resume=True)
+        proc, _ = run_launched("deepspeed", 2, TRAIN, args, cwd=tmp_path, timeout=400)
+        assert proc.returncode != 0
+        assert (
+            "data.streams=2, but" in proc.stdout + proc.stderr
+            and "with 4 data streams" in proc.stdout + proc.stderr
+        )

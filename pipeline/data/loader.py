@@ -116,13 +116,9 @@ class ShardLoader:
                 "text; pass tokenizer=TextTokenizer(the model folder))"
             )
         V = streams or world_size
-        if V % world_size:
-            raise ValueError(f"{V} data streams cannot be shared by {world_size} ranks: not a multiple")
-        if batch_size * world_size < V:
-            raise ValueError(
-                f"a global batch of {batch_size} x {world_size} samples cannot take one from each of "
-                f"{V} data streams"
-            )
+        misfit = partition.streams_misfit(V, world_size, batch_size)
+        if misfit:
+            raise ValueError(misfit)
         self.set = shard_set
         self.manifest: Manifest = shard_set.manifest
         self.tokenizer = tokenizer if self.manifest.feature_kind == "text" else None

@@ -40,6 +40,18 @@ def unit_range(total: int, units: int, unit: int) -> tuple[int, int]:
     return unit * total // units, (unit + 1) * total // units
 
 
+def streams_misfit(streams: int, world_size: int, batch_size: int) -> str | None:
+    """Why `streams` data streams cannot serve world_size ranks of batch_size samples, or None."""
+    if streams % world_size:
+        return f"{streams} data streams cannot be shared by {world_size} ranks: not a multiple"
+    if batch_size * world_size < streams:
+        return (
+            f"a global batch of {batch_size} x {world_size} samples cannot take one from each of "
+            f"{streams} data streams"
+        )
+    return None
+
+
 def stream_takes(global_batch: int, streams: int) -> list[int]:
     """Samples stream s gives to every global batch: floor((s+1) G / V) - floor(s G / V), at least one
     when G >= V. The takes of a rank's V / W streams add up to floor((r+1) G / W) - floor(r G / W),

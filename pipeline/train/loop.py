@@ -35,6 +35,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, RunConfig, TrainConfig
 from pipeline.data import Batch, make_loader, read_manifest
+from pipeline.data.partition import streams_misfit
 from pipeline.models.build import build_backbone, build_head, build_tokenizer
 from pipeline.models.group_batch import GroupBatch, group_batch
 from pipeline.models.heads.loss import head_loss
@@ -218,13 +219,12 @@ class Trainer:
 
     def check_streams(self, origin: str) -> None:
         """The data streams fit this world: it divides them, and the global batch takes from each."""
-        streams, world = self.position.streams, self.grid.world_size
-        if streams % world or self.config.data.batch_size * world < streams:
+        misfit = streams_misfit(self.position.streams, self.grid.world_size, self.config.data.batch_size)
+        if misfit:
             raise ConfigError(
-                f"{origin}: {streams} data streams do not fit {world} ranks of data.batch_size="
-                f"{self.config.data.batch_size} (the world size must divide them and the global batch "
-                "take at least one sample from each); a run that may change its world size needs "
-                "data.streams set, at its start, to a multiple of every world size it may run on"
+                f"{origin}: {misfit} (data.batch_size={self.config.data.batch_size}); a run that may "
+                "change its world size needs data.streams set, at its start, to a multiple of every world "
+                "size it may run on"
             )
 
     def loader(self, source: str, epoch: int, train: bool, position: list[int] | None = None):
