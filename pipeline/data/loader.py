@@ -131,8 +131,8 @@ class ShardLoader:
         self.takes = partition.stream_takes(batch_size * world_size, V)
         self.mine = partition.rank_streams(V, world_size, rank)
         self.start = [0] * V if position is None else list(position)
-        fits = len(self.start) == V and all(map(lambda c, n: 0 <= c <= n, self.start, self.lengths))
-        if not fits:
+        counts = zip(self.start, self.lengths, strict=False)
+        if len(self.start) != V or not all(0 <= c <= n for c, n in counts):
             raise ValueError(f"position {position} is not a sample count for each of {V} data streams")
         self.bad_samples, self.drop_last = bad_samples, drop_last
         self.prefetch_factor = prefetch_factor
@@ -223,9 +223,13 @@ class ShardLoader:
             rows: list[Sample] = []
             valid: list[bool] = []
             for s, samples, latest in zip(self.mine, streams, recent, strict=True):
-                got = list(itertools.islice(samples, self.takes[s]))
-                rows += padded(got, self.takes[s], list(latest), m.feature_kind, m.num_features)
-                valid += [True] * len(got) + [False] * (self.takes[s] - len(got))
+                take = self.takes[s]
+                got = list(itertools.islice(samples, take))
+                if len(got) == take:
+                    rows += got
+                else:  # a dry stream: padding repeats what it read last
+                    rows += padded(got, take, list(latest), m.feature_kind, m.num_features)
+                valid += [True] * len(got) + [False] * (take - len(got))
                 latest.extend(got)
             if k % workers != worker:
                 continue
