@@ -63,6 +63,18 @@ class FFIConfig(Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     rewire_every: int = Field(0, ge=0, description="steps between rewirings; 0 disables")
     rewire_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    group_size: int = Field(
+        1,
+        ge=1,
+        description="G: labels in a group of G share one index set of fan_in inputs and keep their own "
+        "weights (HASTE): a group gathers its K input columns once, then one small dense product; 1 is "
+        "the plain layer (an index set per label). Model-parallel shards hold whole groups",
+    )
+    grouping: Literal["contiguous", "cluster"] = Field(
+        "contiguous",
+        description="which labels share a group: contiguous label ids, or clusters of labels with similar "
+        "feature centroids, computed once from the training set (balanced 2-means) and kept by checkpoints",
+    )
 
     @model_validator(mode="after")
     def _fan_in_fits(self) -> FFIConfig:
@@ -152,6 +164,26 @@ class ModelConfig(Section):
         description="start the output biases at the labels' training priors (bce: log-odds, softmax: log "
         "prior) rather than at random; without it bce sits at the popularity baseline for epochs",
     )
+    head_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="storage of the output layer's label-sharded weights: bfloat16 halves their memory; "
+        "products accumulate in float32 and the head's optimizer keeps float32 moments and writes the "
+        "weights back with stochastic rounding, so updates smaller than a bf16 step are not lost (ELMO)",
+    )
+    loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="labels per chunk of the chunked loss: the [N, C_local] logits and their gradient never "
+        "exist whole, only [N, loss_chunk] at a time (forward, then a recomputing backward); 0: whole "
+        "logits (on CPU the dense and rp heads' softmax then uses the fused C++ kernel)",
+    )
+    head_update: Literal["step", "chunk"] = Field(
+        "step",
+        description="step: the head's optimizer steps after the backward, over full gradients; chunk: each "
+        "label chunk's rows are updated inside the backward as soon as their gradient exists, so the "
+        "head's full gradient never exists either (needs loss_chunk > 0 and no data-parallel head "
+        "replicas, i.e. model_parallel = world size)",
+    )
     ffi: FFIConfig = Field(default_factory=FFIConfig)
     rp: RPConfig = Field(default_factory=RPConfig)
 
@@ -159,6 +191,8 @@ class ModelConfig(Section):
     def _encoder_for_transformer(self) -> ModelConfig:
         if self.backbone == "transformer" and self.encoder is None:
             raise ValueError("backbone='transformer' needs a model.encoder section (at least its path)")
+        if self.head_update == "chunk" and self.loss_chunk == 0:
+            raise ValueError("head_update='chunk' needs loss_chunk > 0 (labels per chunk)")
         return self
 
 
@@ -184,6 +218,12 @@ class TrainConfig(Section):
         0.0, ge=0.0, description="> 0: passes over the training set instead of steps (rounded up to steps)"
     )
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate of the output layer")
+    head_optimizer: Literal["adam", "sgd"] = Field(
+        "adam",
+        description="the output layer's optimizer: adam (float32 moments: 8 bytes per weight), or plain sgd "
+        "at lr (no state: what lets a million-label bf16 head with model.head_update='chunk' fit a small "
+        "card, as in ELMO)",
+    )
     backbone_lr: float | None = Field(
         None, gt=0.0, description="peak learning rate of the backbone; None: the same as lr"
     )

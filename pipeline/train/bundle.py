@@ -49,10 +49,10 @@ from pipeline.data import LABEL_NAMES, Batch, read_label_names, read_manifest, w
 from pipeline.data.manifest import write_manifest
 from pipeline.data.tokenizer import TextTokenizer, TokenizerError
 from pipeline.hf_folder import ModelFolderError, resolve_model_folder
-from pipeline.models.build import build_backbone, build_head, build_tokenizer
+from pipeline.models.build import build_backbone, build_head, build_tokenizer, head_label_range
 from pipeline.models.text_encoder import TransformerBackbone
 from pipeline.parallel.grid import Layout, ProcessGrid
-from pipeline.parallel.label_range import LabelRange, split_labels
+from pipeline.parallel.label_range import LabelRange
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.evaluate import predict
 
@@ -243,7 +243,7 @@ def load_bundle(
     path: str | os.PathLike, grid: ProcessGrid | None = None, device: torch.device | str = "cpu"
 ) -> ckpt.InferenceModel:
     """The model of a bundle, files verified: the full backbone and the head cut to `grid`'s
-    model-parallel label range (`split_labels`), both on `device` in eval mode. With `grid=None` the
+    model-parallel label range (`head_label_range`), both on `device` in eval mode. With `grid=None` the
     head covers every label, in this one process (torch.distributed is not needed)."""
     path = Path(path)
     doc = verify_bundle(path)
@@ -253,7 +253,7 @@ def load_bundle(
     config = load_config(path / CONFIG, overrides)
     manifest = read_manifest(path / TRAIN)
     mp, mp_rank = (1, 0) if grid is None else (grid.mp, grid.mp_rank)
-    label_range = split_labels(doc["num_labels"], mp, mp_rank)
+    label_range = head_label_range(config.model, doc["num_labels"], mp, mp_rank)
     if config.model.backbone == "transformer" and config.model.encoder.from_scratch is None:
         backbone = _transformer_backbone(config.model)
     else:

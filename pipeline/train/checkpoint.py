@@ -49,10 +49,16 @@ from torch import nn
 from pipeline.config import RunConfig, load_config
 from pipeline.data import Manifest, read_manifest
 from pipeline.data.tokenizer import TextTokenizer
-from pipeline.models.build import build_backbone, build_head, build_tokenizer, sharded_state_keys
+from pipeline.models.build import (
+    build_backbone,
+    build_head,
+    build_tokenizer,
+    head_label_range,
+    sharded_state_keys,
+)
 from pipeline.models.sparse_bag import SparseBag
 from pipeline.parallel.grid import ProcessGrid
-from pipeline.parallel.label_range import LabelRange, split_labels
+from pipeline.parallel.label_range import LabelRange
 
 SPARSE_BAG = "sparse_bag.pt"
 META = "meta.json"
@@ -343,14 +349,18 @@ def reshard_head_state(
     """Head state_dict and by-name optimizer state for `label_range`, cut from another split's shards
     (those of one model-parallel group, in label order)."""
     sharded = sharded_state_keys(head, label_range.size)
-    cut = slice(label_range.start, label_range.stop)
+
+    def cut(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        unit = sharded[key]  # labels per row: the shards start at multiples of it
+        return torch.cat(tensors)[label_range.start // unit : -(-label_range.stop // unit)]
+
     state = {}
     for key, value in shards[0]["head"].items():
-        state[key] = torch.cat([s["head"][key] for s in shards])[cut] if key in sharded else value
+        state[key] = cut(key, [s["head"][key] for s in shards]) if key in sharded else value
     optimizer: dict[str, dict[str, Any]] = {}
     for name, entry in shards[0]["optimizer"].items():
         optimizer[name] = {
-            k: torch.cat([s["optimizer"][name][k] for s in shards])[cut]
+            k: cut(name, [s["optimizer"][name][k] for s in shards])
             if name in sharded and torch.is_tensor(v) and v.dim()
             else v
             for k, v in entry.items()
@@ -483,7 +493,7 @@ def load_for_inference(
     meta = read_meta(checkpoint)
     verify_files(checkpoint, ["backbone.pt", *head_files_read(meta, grid)])
     manifest = read_manifest(config.data.train)
-    label_range = split_labels(meta["num_labels"], grid.mp, grid.mp_rank)
+    label_range = head_label_range(config.model, meta["num_labels"], grid.mp, grid.mp_rank)
     backbone = build_backbone(config.model, manifest.feature_kind, manifest.num_features)
     weights = torch.load(checkpoint / "backbone.pt", map_location="cpu", weights_only=True)
     backbone.load_state_dict(weights)

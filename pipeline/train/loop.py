@@ -36,7 +36,7 @@ from torch import nn
 from pipeline.config import ConfigError, RunConfig, TrainConfig
 from pipeline.data import Batch, make_loader, read_manifest
 from pipeline.data.partition import streams_misfit
-from pipeline.models.build import build_backbone, build_head, build_tokenizer
+from pipeline.models.build import build_backbone, build_head, build_tokenizer, head_label_range
 from pipeline.models.group_batch import GroupBatch, group_batch
 from pipeline.models.heads.loss import head_loss
 from pipeline.models.heads.prior import set_prior_bias
@@ -45,13 +45,14 @@ from pipeline.parallel.distributed import collective_device
 from pipeline.parallel.gradient_exchange import GradientExchange
 from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.horovod import dp_process_set
-from pipeline.parallel.label_range import LabelRange, split_labels
+from pipeline.parallel.label_range import LabelRange
 from pipeline.parallel.model_parallel import sum_replicated_grads
 from pipeline.progress import progress_bar
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.allocator import keep_freed_memory
 from pipeline.train.evaluate import evaluate, popularity
 from pipeline.train.faults import FaultInjector
+from pipeline.train.head_optimizer import HeadOptimizer, build_head_optimizer
 from pipeline.train.logbook import Logbook
 from pipeline.train.metrics import XMCMetrics
 from pipeline.train.preemption import Preempted, StopSignals, signal_name
@@ -162,7 +163,7 @@ class Trainer:
         read_manifest(config.data.test)  # fail now, not after training, if the test set is missing
         m = self.train_manifest
         self.num_labels = m.num_labels
-        self.label_range: LabelRange = split_labels(m.num_labels, grid.mp, grid.mp_rank)
+        self.label_range: LabelRange = head_label_range(config.model, m.num_labels, grid.mp, grid.mp_rank)
         self.rank0 = grid.rank == 0
         self.position = Position(streams=config.data.streams or grid.world_size)
         self.check_streams("data.streams")
@@ -180,6 +181,15 @@ class Trainer:
         other_world = resume is not None and ckpt.read_meta(resume)["world_size"] != grid.world_size
         ds_config = deepspeed_config(config, grid.world_size, load_universal=other_world)
         self.samples_per_step = ds_config["train_batch_size"]  # batch x accumulation x world
+        if config.model.head_update == "chunk" and (
+            grid.dp > 1 or ds_config["gradient_accumulation_steps"] > 1
+        ):
+            raise ConfigError(
+                "model.head_update: 'chunk' updates the head inside the backward, which needs the whole "
+                f"gradient there: no data-parallel head replicas (here {grid.dp}: set "
+                "parallel.model_parallel to the world size) and no gradient accumulation (here "
+                f"{ds_config['gradient_accumulation_steps']})"
+            )
         self.total_steps = total_steps(config.train, m.num_samples, self.samples_per_step)
         total, warmup = self.total_steps, config.train.warmup_steps
         schedule = lambda step: lr_factor(step, warmup, total)  # noqa: E731
@@ -200,17 +210,16 @@ class Trainer:
         if self.bag is not None:  # at the other backbone parameters' peak rate and warm-up/cosine factor
             self.bag.to(self.device)
             self.bag_lr = config.train.backbone_lr or config.train.lr
-        # Fused Adam: one pass over each (C_local x ...) tensor instead of several, which matters at
-        # 10^6 labels. Its coupled weight decay adds lambda * w to the gradient (of (lambda/2)||w||^2).
-        self.head_optimizer = torch.optim.Adam(
-            self.head.parameters(), lr=config.train.lr, weight_decay=self.head.weight_decay(), fused=True
+        # This rank's draws for the head: rewiring and the stochastic rounding of bf16 weights.
+        self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
+        self.head_optimizer = build_head_optimizer(
+            self.head, config.model, config.train, self.rewire_generator
         )
         self.head_scheduler = torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, schedule)
         p = config.parallel
         self.exchange = GradientExchange(
             self.head.named_parameters(), dp_process_set(), p.compression, p.topk_fraction, p.sync_every
         )
-        self.rewire_generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + grid.rank)
         self.logbook = Logbook(self.out, enabled=self.rank0)
         if resume is not None:
             self.restore(resume)
@@ -283,8 +292,19 @@ class Trainer:
         is fused). Dropout inside the head draws from a seed shared by the model-parallel group, so its
         replicated layers see the same masks everywhere."""
         g = self.grid
+        m = self.config.model
+        update = self.update_rows if m.head_update == "chunk" else None
         with self.seeded(micro, g.dp_rank):
-            return head_loss(self.head, group, self.config.model.loss, self.label_range, g.mp_group)
+            return head_loss(
+                self.head, group, m.loss, self.label_range, g.mp_group, chunk=m.loss_chunk, update=update
+            )
+
+    def update_rows(self, lo: int, hi: int, grads: list[torch.Tensor]) -> None:
+        """`model.head_update = "chunk"`: the rows [lo, hi) of the head's sharded parameters step as soon
+        as the chunked loss has their gradients (in `sharded_parameters()` order)."""
+        assert isinstance(self.head_optimizer, HeadOptimizer)
+        for p, grad in zip(self.head.sharded_parameters(), grads, strict=True):
+            self.head_optimizer.step_rows(p, lo, hi, grad)
 
     # ----- one step -------------------------------------------------------------------------------
 
