@@ -14,7 +14,7 @@ import sys
 
 from pipeline.data import DataError
 
-SUITES = ("bag", "data", "ffi", "launchers", "mp", "quality", "rp")
+SUITES = ("bag", "data", "ffi", "heads", "launchers", "mp", "quality", "rp")
 
 
 def load_suite(name: str):

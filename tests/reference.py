@@ -135,6 +135,22 @@ def ffi_dense_reference(
     return y, dx, d_dense.gather(1, indices.long()), dy.sum(0)
 
 
+def ffi_group_to_dense(
+    values: torch.Tensor, indices: torch.Tensor, group_size: int, in_features: int
+) -> torch.Tensor:
+    """The dense weight D [C, H] of a group-shared FFI layer: D[c, indices[c // G, k]] = values[c, k],
+    zero elsewhere, from values [C, K] (any float dtype, kept; any device) and indices [ceil(C / G), K]
+    (any integer dtype, distinct within a row). Label by label from the definition, memory C * H: the
+    reference of the group ops for small shapes (y = x @ D^T + b, dx = dy @ D, dW = (dy^T x) at the
+    label's indices)."""
+    num_labels = values.shape[0]
+    dense = torch.zeros(num_labels, in_features, dtype=values.dtype, device=values.device)
+    groups = torch.arange(num_labels, device=values.device) // group_size
+    rows = indices.to(device=values.device, dtype=torch.long)[groups]  # [C, K]: each label's group row
+    dense[torch.arange(num_labels, device=values.device)[:, None], rows] = values
+    return dense
+
+
 def ffi_forward_chunked(
     x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, b: torch.Tensor | None, chunk: int = 1024
 ) -> torch.Tensor:

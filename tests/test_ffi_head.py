@@ -40,9 +40,9 @@ def test_replicated_and_sharded_parameters():
         assert sharded == {id(head.sparse.values), id(head.sparse.bias)}
         assert replicated | sharded == {id(p) for p in head.parameters()}
         assert sharded_state_keys(head, head.label_range.size) == {
-            "sparse.values",
-            "sparse.indices",
-            "sparse.bias",
+            "sparse.values": 1,
+            "sparse.indices": 1,
+            "sparse.bias": 1,
         }
     # The replicated layer starts equal on every rank; the connections differ between ranks.
     for other in heads[1:]:

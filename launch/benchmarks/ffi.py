@@ -8,6 +8,12 @@ gradients for the inputs, the weights and the bias, as in training):
   with autograd over its values (`torch.sparse.mm(W_csr, x^T)^T`); ratios against the FFI layer;
   bytes of weights + grads + Adam moments for each (index arrays counted with the weights).
 - the FFI layer alone at the paper's scale (670,091 labels, H = 65,536, K = 32), per kernel.
+- group-shared fan-in (--group-size, HASTE): fwd+bwd of the layer with labels in groups of G sharing
+  one index row, for each G against G = 1 (the plain layer) and against nn.Linear at the same shape,
+  in float32 and bfloat16 (the dense layer in the same dtype); achieved GFLOP/s (2*N*C*K per product,
+  3 products per fwd+bwd) and the minimal bytes moved, with Q = ceil(C / G) index rows:
+  forward x + W + I + b + y = e*N*H + e*C*K + 4*Q*K + e*C + e*N*C, backward dy + x + W + I + dx + dW
+  + db = e*N*C + 2*e*N*H + 2*e*C*K + 4*Q*K + e*C.
 - CPU: thread scaling of the FFI kernels (torch.set_num_threads also sets the kernels' threads).
 - CUDA: per-kernel bandwidth from the minimal traffic, with e the element size in bytes:
   forward x + W + I + b + y = e*N*H + (e+4)*C*K + e*C + e*N*C; dx: dy + W + I + dx =
@@ -52,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to scale over"
     )
     parser.add_argument("--skip-scale", action="store_true", help="leave out the 670K-label runs")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        nargs="+",
+        default=[1, 8, 16, 32],
+        help="group sizes G of the group-shared layer to compare (1: the plain layer)",
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
 
 
@@ -333,6 +346,78 @@ def at_scale(batch: int, repeats: int, device: torch.device) -> dict:
     return result
 
 
+def _layer_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor]):
+    """fwd_bwd of layer(x) with the gradients of x and params."""
+    return fwd_bwd(lambda: layer(x), dy, [x, *params])
+
+
+def group_traffic(batch: int, hidden: int, labels: int, fan_in: int, group_size: int, element: int) -> int:
+    """Minimal bytes of one fwd+bwd of the group-shared layer (each tensor read or written once)."""
+    n, h, c, k, e = batch, hidden, labels, fan_in, element
+    index = 4 * -(-c // group_size) * k
+    forward = e * n * h + e * c * k + index + e * c + e * n * c
+    backward = e * n * c + 2 * e * n * h + 2 * e * c * k + index + e * c
+    return forward + backward
+
+
+def group_sizes_table(
+    batch: int,
+    hidden: int,
+    labels: int,
+    fan_in: int,
+    group_sizes: list[int],
+    repeats: int,
+    device: torch.device,
+    dense_fp32_s: float | None = None,
+) -> dict:
+    """fwd+bwd of the group-shared layer for each G (G = 1: the plain layer on its own kernels) against
+    G = 1 and against nn.Linear at the same shape, float32 and bfloat16, with GFLOP/s and GB/s."""
+    g = torch.Generator().manual_seed(0)
+    flops = 3 * 2 * batch * labels * fan_in
+    sizes = sorted(set(group_sizes) | {1})
+    out: dict = {"shape": [batch, hidden, labels, fan_in], "flops": flops, "per_dtype": {}}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        x = torch.randn(batch, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+        dy = torch.randn(batch, labels, generator=g).to(device=device, dtype=dtype)
+        if dtype == torch.float32 and dense_fp32_s is not None:
+            dense_s = dense_fp32_s  # measured by compare() at this shape in this run
+        else:
+            dense = nn.Linear(hidden, labels, device=device, dtype=dtype)
+            dense_s = timed(_layer_step(dense, x, dy, [dense.weight, dense.bias]), repeats, device)
+        rows = {}
+        for size in sizes:
+            layer = FixedFanInSparse(
+                hidden, labels, fan_in, seed=1, group_size=size, device=device, dtype=dtype
+            )
+            seconds = timed(_layer_step(layer, x, dy, [layer.values, layer.bias]), repeats, device)
+            traffic = group_traffic(batch, hidden, labels, fan_in, size, x.element_size())
+            rows[str(size)] = {
+                "fwd_bwd_s": seconds,
+                "gflop_per_s": flops / seconds / 1e9,
+                "min_bytes": traffic,
+                "GB_per_s": traffic / seconds / 1e9,
+                "index_bytes": layer.indices.numel() * 4,
+            }
+        base = rows["1"]["fwd_bwd_s"]
+        print(
+            f"[{batch}x{hidden} -> {labels}, K={fan_in}] {name}: dense nn.Linear fwd+bwd {dense_s:.4f} s",
+            flush=True,
+        )
+        for size in sizes:
+            r = rows[str(size)]
+            r["g1_over_this"] = base / r["fwd_bwd_s"]
+            r["dense_over_this"] = dense_s / r["fwd_bwd_s"]
+            print(
+                f"    G={size:<4d} fwd+bwd {r['fwd_bwd_s']:.4f} s  {r['g1_over_this']:5.2f}x G=1  "
+                f"{r['dense_over_this']:6.1f}x dense  {r['gflop_per_s']:6.1f} GFLOP/s  "
+                f"min traffic {r['min_bytes'] / 2**20:,.1f} MiB ({r['GB_per_s']:.1f} GB/s)",
+                flush=True,
+            )
+        out["per_dtype"][name] = {"dense_fwd_bwd_s": dense_s, "group_sizes": rows}
+    return out
+
+
 def thread_scaling(
     batch: int, hidden: int, labels: int, fan_in: int, threads: list[int], repeats: int
 ) -> dict:
@@ -391,6 +476,19 @@ def run(args: argparse.Namespace) -> dict:
         compare(b, h, c, k, repeats, device)
         for b, h, c, k in itertools.product(batches, hiddens, labels, fan_ins)
     ]
+    figures["groups"] = [
+        group_sizes_table(
+            c["batch"],
+            c["hidden"],
+            c["labels"],
+            c["fan_in"],
+            args.group_size,
+            repeats,
+            device,
+            dense_fp32_s=c["dense"]["fwd_bwd_s"],
+        )
+        for c in figures["compare"]
+    ]
     if not args.skip_scale and not quick:
         scale_batch = args.scale_batch or (64 if device.type == "cpu" else 256)
         figures["scale"] = at_scale(scale_batch, max(2, repeats // 2), device)
@@ -400,8 +498,10 @@ def run(args: argparse.Namespace) -> dict:
         )
     first = figures["compare"][0]
     if [first["batch"], first["hidden"], first["labels"], first["fan_in"]] == REFERENCE["shape"]:
+        g16 = figures["groups"][0]["per_dtype"]["float32"]["group_sizes"].get("16")
         figures["targets"] = {
             "ffi_10x_faster_than_dense": first["ratios"]["dense_over_ffi_fwd_bwd"] >= 10,
+            "group16_5x_faster_than_g1": None if g16 is None else g16["g1_over_this"] >= 5,
             "ffi_forward_at_least_as_fast_as_csr": first["ratios"]["csr_over_ffi_fwd"] >= 1,
             "dense_vs_reference": first["dense"]["fwd_bwd_s"] / REFERENCE["dense_fwd_bwd_s"],
             "csr_forward_vs_reference": first["csr"]["fwd_s"] / REFERENCE["csr_forward_s"],

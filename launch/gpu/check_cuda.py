@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""GPU checks of the FFI CUDA kernels: `python3 launch/gpu/check_cuda.py [--skip-train] [--skip-perf]`.
+"""GPU checks of the FFI CUDA kernels: `python3 launch/gpu/check_cuda.py [--skip-train] [--skip-perf]
+[--skip-group | --group-only]`.
 
 1. correctness: torch.ops.xmc on CUDA against a float64 gather/scatter reference and against the CPU
    ops, values and both gradients, float32 (1e-5 of the largest magnitude) and bfloat16 (1e-2),
@@ -15,6 +16,15 @@
    separate dx (atomic) + dW calls, also with tiles as wide as the separate kernels' (L2 budget
    doubled); fwd+bwd (forward + fused backward + bias sum, the autograd path) against dense
    nn.Linear(768, 670091).
+
+4. the group-shared layer (HASTE; torch.ops.xmc.ffi_group_forward / ffi_group_backward): correctness
+   against the float64 dense reference ffi_group_to_dense (tests/reference.py) and the CPU ops,
+   float32 (1e-5) and bfloat16 (1e-2), G = 1 (the plain kernels and, XMC_FFI_GROUP_PLAIN=0, the group
+   kernels), 8, 16, 32 and odd G, partial last groups, G > C, groups wider than a block, several batch
+   tiles and K-chunks, bf16 on tensor cores and (XMC_FFI_GROUP_MMA=0) SIMT, one gradient or both; the
+   autograd module; timings at 670K labels, H 65,536, K 32, batch 128/512, G = 1, 8, 16, 32, float32
+   and bfloat16: forward, backward, fwd+bwd, FLOP/s (2*N*C*K per product) and bytes against the card's
+   peaks, next to the dense F.linear of the same FLOPs (K inputs) and the paper's dense(768) layer.
 
 One line per case; the last line is one JSON object; exit status 1 on any failure. Imports only
 torch, pipeline.ops / pipeline.models.heads.ffi and the float64 references of tests/reference.py
@@ -46,6 +56,7 @@ from tests.reference import (  # noqa: E402
     ffi_backward_input_chunked,
     ffi_backward_weight_chunked,
     ffi_forward_chunked,
+    ffi_group_to_dense,
     rel_err_to_scale,
 )
 
@@ -53,6 +64,14 @@ MODES = ("atomic", "csc")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # Published peak memory bandwidth (bytes/s) by card name, when the driver does not give clock and bus.
 PEAK_BW = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
+# Published dense peaks (FLOP/s): float32 on the SIMT cores, bfloat16 on tensor cores (no sparsity).
+PEAK_FLOPS = {
+    "H200": (67e12, 989e12),
+    "H100 NVL": (60e12, 835e12),
+    "H100 PCIe": (51e12, 756e12),
+    "H100": (67e12, 989e12),
+    "A100": (19.5e12, 312e12),
+}
 
 failures: list[str] = []
 
@@ -463,12 +482,240 @@ def perf_check(peak_bw: float) -> list[dict]:
     return results
 
 
+# ---------------------------------------------------------------- 4. group-shared fan-in
+
+# N, H, C, K, G, bias: partial last groups, G > C, groups wider than a block's 64 labels, G not a
+# multiple of 8, several batch tiles (64 / 128 rows) and K-chunks (16 / 32), the real H.
+GROUP_CASES = [
+    (1, 37, 45, 7, 1, True),
+    (70, 41, 77, 33, 1, False),
+    (5, 37, 45, 19, 8, True),  # 45 = 5 groups of 8 + 5
+    (130, 41, 77, 33, 8, True),
+    (67, 64, 50, 16, 16, True),  # 50 = 3 groups of 16 + 2
+    (200, 101, 160, 40, 16, False),
+    (129, 1001, 3001, 32, 32, False),
+    (9, 53, 20, 5, 32, True),  # G > C: one partial group
+    (33, 29, 70, 9, 12, True),
+    (3, 300, 600, 4, 160, True),  # 160 labels per group: slices of 64
+    (257, 513, 1999, 64, 16, True),
+    (512, 65536, 8191, 32, 16, True),
+]
+
+
+def set_env(env: dict[str, str]) -> None:
+    for key in ("XMC_FFI_GROUP_PLAIN", "XMC_FFI_GROUP_MMA"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+
+
+def group_variants(g: int, c: int, dtype: torch.dtype) -> list[dict[str, str]]:
+    """The launcher's paths for this case: the default, plus the group kernels at G = 1 and SIMT where
+    bf16 would take the tensor cores (G % 16 == 0 or one group)."""
+    variants: list[dict[str, str]] = [{}]
+    if g == 1:
+        variants.append({"XMC_FFI_GROUP_PLAIN": "0"})
+    if dtype == torch.bfloat16 and (g % 16 == 0 or g >= c):
+        variants.append({"XMC_FFI_GROUP_MMA": "0"})
+    return variants
+
+
+def group_reference(
+    x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, b: torch.Tensor | None, dy: torch.Tensor, g: int
+) -> dict[str, torch.Tensor]:
+    """y, dx, dW in float64 through the dense weight D [C, H] (small shapes)."""
+    dense = ffi_group_to_dense(w.double(), idx, g, x.shape[1])
+    xd, dyd = x.double(), dy.double()
+    rows = idx.long()[torch.arange(w.shape[0], device=idx.device) // g]
+    return {
+        "y": xd @ dense.t() + (b.double() if b is not None else 0),
+        "dx": dyd @ dense,
+        "dW": (dyd.t() @ xd).gather(1, rows),
+    }
+
+
+def check_group_case(n: int, h: int, c: int, k: int, g: int, bias: bool, dtype: torch.dtype) -> None:
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(n * 1_000_003 + h * 1009 + c * 31 + k * 7 + g)
+    q = -(-c // g)
+    x = torch.randn(n, h, generator=gen).to(dtype)
+    w = torch.randn(c, k, generator=gen).to(dtype)
+    b = torch.randn(c, generator=gen).to(dtype) if bias else None
+    dy = torch.randn(n, c, generator=gen).to(dtype)
+    idx = random_indices(q, h, k, gen)
+    xg, wg, bg, dyg, ig = (t.to(dev) if t is not None else None for t in (x, w, b, dy, idx))
+    tol = TOL[dtype]
+    base = f"group N={n} H={h} C={c} K={k} G={g} bias={int(bias)} {str(dtype)[6:]}"
+    try:
+        refs = group_reference(xg, wg, ig, bg, dyg, g)
+        cpu_dx, cpu_dw = torch.ops.xmc.ffi_group_backward(dy, x, w, idx, g, True, True)
+        cpu = {"y": torch.ops.xmc.ffi_group_forward(x, w, idx, b, g), "dx": cpu_dx, "dW": cpu_dw}
+    except Exception as exc:
+        report(False, f"{base}: reference / CPU op: {type(exc).__name__}: {exc}")
+        return
+    for env in group_variants(g, c, dtype):
+        name = base + "".join(f" {key[8:]}={value}" for key, value in env.items())
+        try:
+            set_env(env)
+            outs = {"y": torch.ops.xmc.ffi_group_forward(xg, wg, ig, bg, g)}
+            outs["dx"], outs["dW"] = torch.ops.xmc.ffi_group_backward(dyg, xg, wg, ig, g, True, True)
+            outs["dx[x only]"], none_w = torch.ops.xmc.ffi_group_backward(dyg, xg, wg, ig, g, True, False)
+            none_x, outs["dW[W only]"] = torch.ops.xmc.ffi_group_backward(dyg, xg, wg, ig, g, False, True)
+            torch.cuda.synchronize()
+            for key, got in outs.items():
+                kind = key.split("[")[0]
+                e_ref = rel_err_to_scale(got, refs[kind])
+                e_cpu = rel_err_to_scale(got.cpu(), cpu[kind])
+                ok = got.dtype == dtype and e_ref <= tol and e_cpu <= 2 * tol
+                report(ok, f"{name} {key:<11} vs float64 {e_ref:.2e}  vs CPU op {e_cpu:.2e}")
+            report(none_w is None and none_x is None, f"{name} gradients not asked for are None")
+        except Exception as exc:
+            report(False, f"{name}: {type(exc).__name__}: {exc}")
+        finally:
+            set_env({})
+
+
+def check_group_module() -> None:
+    """FixedFanInSparse(group_size=16) on CUDA through autograd: gradients of x, values and bias."""
+    dev = torch.device("cuda")
+    try:
+        layer = FixedFanInSparse(300, 1001, 16, seed=3, group_size=16).to(dev)
+        x = torch.randn(67, 300, device=dev, requires_grad=True)
+        dy = torch.randn(67, 1001, device=dev)
+        layer(x).backward(dy)
+        refs = group_reference(x.detach(), layer.values.detach(), layer.indices, None, dy, 16)
+        errs = [
+            rel_err_to_scale(x.grad, refs["dx"]),
+            rel_err_to_scale(layer.values.grad, refs["dW"]),
+            rel_err_to_scale(layer.bias.grad, dy.sum(0)),
+        ]
+        report(all(e <= 1e-5 for e in errs), f"group module autograd (G=16) dx/dW/db errors {errs}")
+    except Exception as exc:
+        report(False, f"group module autograd: {type(exc).__name__}: {exc}")
+
+
+def peak_flops(dtype: torch.dtype, tensor_cores: bool) -> float:
+    """Published dense FLOP/s of this card for the path: bf16 tensor cores, else float32 SIMT."""
+    name = torch.cuda.get_device_properties(0).name
+    for key, (fp32, bf16) in PEAK_FLOPS.items():  # most specific names first
+        if key in name:
+            return bf16 if dtype == torch.bfloat16 and tensor_cores else fp32
+    return math.nan
+
+
+def group_perf_check(
+    peak_bw: float,
+    batches: tuple[int, ...] = (128, 512),
+    labels: int = 670_091,
+    hidden: int = 65_536,
+    k: int = 32,
+) -> list[dict]:
+    """fwd / bwd / fwd+bwd of the group layer at 670K labels, H 65,536, K 32, against dense F.linear."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(2)
+    indices = {
+        g: draw_fan_in_indices(-(-labels // g), hidden, k, gen).to(torch.int32) for g in (1, 8, 16, 32)
+    }
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        e = torch.tensor([], dtype=dtype).element_size()
+        w = ((torch.rand(labels, k, device=dev, generator=gen) - 0.5) / math.sqrt(k)).to(dtype)
+        b = torch.zeros(labels, device=dev, dtype=dtype)
+        for n in batches:
+            x = torch.randn(n, hidden, device=dev, generator=gen).to(dtype)
+            dy = torch.randn(n, labels, device=dev, generator=gen).to(dtype)
+            product = 2.0 * n * labels * k  # FLOPs of one product (forward, dx or dW)
+            bias_s = cuda_time(lambda dy=dy: dy.sum(0))
+
+            # Dense layers through autograd (forward, backward for input, weight and bias): the same
+            # FLOPs with K inputs (no gathers: the compute-speed bound), and the paper's dense(768).
+            def dense_time(d_in: int, dy=dy, n=n, dtype=dtype) -> float:
+                layer_w = torch.randn(labels, d_in, device=dev, dtype=dtype, requires_grad=True)
+                layer_b = torch.zeros(labels, device=dev, dtype=dtype, requires_grad=True)
+                inp = torch.randn(n, d_in, device=dev, dtype=dtype, requires_grad=True)
+
+                def step() -> None:
+                    layer_w.grad = layer_b.grad = inp.grad = None
+                    nn.functional.linear(inp, layer_w, layer_b).backward(dy)
+
+                return cuda_time(step)  # the layer's memory goes with this frame
+
+            dense_k_s, dense768_s = dense_time(k), dense_time(768)
+            torch.cuda.empty_cache()
+            for g, idx in indices.items():
+                q = idx.shape[0]
+                mma = dtype == torch.bfloat16 and g % 16 == 0
+                row = {"N": n, "H": hidden, "C": labels, "K": k, "G": g, "dtype": str(dtype)[6:]}
+                row["path"] = "plain" if g == 1 else ("mma" if mma else "simt")
+
+                def fwd(x=x, w=w, idx=idx, b=b, g=g):
+                    return torch.ops.xmc.ffi_group_forward(x, w, idx, b, g)
+
+                def bwd(x=x, w=w, idx=idx, dy=dy, g=g):
+                    return torch.ops.xmc.ffi_group_backward(dy, x, w, idx, g, True, True)
+
+                row["forward_s"], row["backward_s"] = cuda_time(fwd), cuda_time(bwd)
+                row["fwd_bwd_s"] = row["forward_s"] + row["backward_s"] + bias_s
+                # The other path for comparison: group kernels at G = 1, SIMT for bf16 tensor-core G.
+                other = {}
+                if g == 1:
+                    other = {"XMC_FFI_GROUP_PLAIN": "0"}
+                elif mma:
+                    other = {"XMC_FFI_GROUP_MMA": "0"}
+                row["other_path"], row["other_fwd_bwd_s"] = None, math.nan
+                if other:
+                    set_env(other)
+                    try:
+                        row["other_path"] = "group" if g == 1 else "simt"
+                        row["other_fwd_bwd_s"] = cuda_time(fwd) + cuda_time(bwd) + bias_s
+                    finally:
+                        set_env({})
+                traffic = {  # each operand read or written once
+                    "forward": e * n * hidden + e * labels * k + 4 * q * k + e * labels + e * n * labels,
+                    "backward": e * n * labels + 2 * e * n * hidden + 2 * e * labels * k + 4 * q * k,
+                }
+                peak = peak_flops(dtype, mma)
+                for part, flops in (("forward", product), ("backward", 2 * product)):
+                    row[f"{part}_TFLOPs"] = flops / row[f"{part}_s"] / 1e12
+                    row[f"{part}_frac_peak_flops"] = flops / row[f"{part}_s"] / peak
+                    row[f"{part}_GB_per_s"] = traffic[part] / row[f"{part}_s"] / 1e9
+                    row[f"{part}_frac_peak_bw"] = traffic[part] / row[f"{part}_s"] / peak_bw
+                row["fwd_bwd_TFLOPs"] = 3 * product / row["fwd_bwd_s"] / 1e12
+                row["dense_k_fwd_bwd_s"], row["dense768_fwd_bwd_s"] = dense_k_s, dense768_s
+                row["dense_k_over_group"] = dense_k_s / row["fwd_bwd_s"]
+                row["dense768_over_group"] = dense768_s / row["fwd_bwd_s"]
+                print(
+                    f"group perf N={n} G={g} {row['dtype']} [{row['path']}]: "
+                    f"fwd {row['forward_s'] * 1e3:.3f} ms ({row['forward_TFLOPs']:.1f} TFLOP/s = "
+                    f"{row['forward_frac_peak_flops']:.0%} of peak, {row['forward_GB_per_s']:.0f} GB/s = "
+                    f"{row['forward_frac_peak_bw']:.0%} bw), bwd {row['backward_s'] * 1e3:.3f} ms "
+                    f"({row['backward_TFLOPs']:.1f} TFLOP/s = {row['backward_frac_peak_flops']:.0%}, "
+                    f"{row['backward_frac_peak_bw']:.0%} bw); fwd+bwd {row['fwd_bwd_s'] * 1e3:.3f} ms"
+                    + (
+                        f" ({row['other_path']}: {row['other_fwd_bwd_s'] * 1e3:.3f} ms)"
+                        if row["other_path"]
+                        else ""
+                    )
+                    + f"; dense F.linear K={k} {dense_k_s * 1e3:.3f} ms ({row['dense_k_over_group']:.2f}x), "
+                    f"dense(768) {dense768_s * 1e3:.3f} ms ({row['dense768_over_group']:.2f}x)",
+                    flush=True,
+                )
+                results.append(row)
+            del x, dy
+            torch.cuda.empty_cache()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--skip-train", action="store_true", help="leave out the 670K training step")
     parser.add_argument("--skip-perf", action="store_true", help="leave out the timings at scale")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--skip-group", action="store_true", help="leave out the group-shared layer")
+    which.add_argument(
+        "--group-only", action="store_true", help="only the group-shared layer (correctness, timings)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU visible: nothing to check here", flush=True)
@@ -486,21 +733,32 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     summary: dict = {"gpu": props.name, "peak_bandwidth_Bps": peak_bw, "bandwidth_source": bw_source}
-    for n, h, c, k, bias, budget in CASES:
-        for dtype in (torch.float32, torch.bfloat16):
-            check_case(n, h, c, k, bias, dtype, budget)
-    check_module()
-    check_rewiring()
-    if not args.skip_train:
-        try:
-            summary["train"] = train_check()
-        except Exception as exc:
-            report(False, f"670K training step: {type(exc).__name__}: {exc}")
-    if not args.skip_perf:
-        try:
-            summary["perf"] = perf_check(peak_bw)
-        except Exception as exc:
-            report(False, f"timings at scale: {type(exc).__name__}: {exc}")
+    if not args.group_only:
+        for n, h, c, k, bias, budget in CASES:
+            for dtype in (torch.float32, torch.bfloat16):
+                check_case(n, h, c, k, bias, dtype, budget)
+        check_module()
+        check_rewiring()
+        if not args.skip_train:
+            try:
+                summary["train"] = train_check()
+            except Exception as exc:
+                report(False, f"670K training step: {type(exc).__name__}: {exc}")
+        if not args.skip_perf:
+            try:
+                summary["perf"] = perf_check(peak_bw)
+            except Exception as exc:
+                report(False, f"timings at scale: {type(exc).__name__}: {exc}")
+    if not args.skip_group:
+        for n, h, c, k, g, bias in GROUP_CASES:
+            for dtype in (torch.float32, torch.bfloat16):
+                check_group_case(n, h, c, k, g, bias, dtype)
+        check_group_module()
+        if not args.skip_perf:
+            try:
+                summary["group_perf"] = group_perf_check(peak_bw)
+            except Exception as exc:
+                report(False, f"group timings at scale: {type(exc).__name__}: {exc}")
     summary["failures"] = failures
     summary["ok"] = not failures
     summary["seconds"] = time.perf_counter() - t0

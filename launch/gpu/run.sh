@@ -2,11 +2,14 @@
 # The one device run of the FFI CUDA kernels: `bash launch/gpu/run.sh` from anywhere.
 #
 # Prints the card and toolchain, builds the extension (timed), runs launch/gpu/check_cuda.py (correctness,
-# the 670K training step, kernel timings at scale for both dx modes), a compute-sanitizer memcheck of
-# a small case, and the `bench.py ffi` suite once per dx mode. Everything is tee'd to
-# $OUT/gpu_log.txt ($OUT defaults to ./gpu_out). Each stage has a time cap so that the whole run stays
-# under 10 minutes (the device's per-command limit) even when every stage hits its cap; about 4
-# minutes expected on an H100; the exit status is 1 if any stage failed.
+# the 670K training step, kernel timings at scale for both dx modes; then, as its own stage, the
+# group-shared layer: correctness and timings at G = 1, 8, 16, 32), compute-sanitizer memchecks of small
+# cases (plain layer, group layer), and the `bench.py ffi` suite once per dx mode. Everything is tee'd to
+# $OUT/gpu_log.txt ($OUT defaults to ./gpu_out). Each stage has a time cap; the caps add up to more
+# than the device's 10-minute per-command limit, so a short session picks stages by their first word:
+#   STAGES="build check_group memcheck_group" bash launch/gpu/run.sh
+# (unset: every stage; names: build check_cuda check_group l2_bandwidth memcheck memcheck_group bench).
+# The exit status is 1 if any stage that ran failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -22,10 +25,15 @@ PY=${PYTHON:-python3}            # the GPU image's python3 holds torch; `python`
 status=0
 t_start=$SECONDS
 
-# stage NAME CAP_SECONDS CMD...: run with a time cap, log rc and duration, remember failures.
+# stage NAME CAP_SECONDS CMD...: run with a time cap, log rc and duration, remember failures; skipped
+# when STAGES is set and does not name the stage's first word.
 stage() {
   local name=$1 cap=$2
   shift 2
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" ${name%% *} "* ]]; then
+    echo "=== [$name] skipped (STAGES=$STAGES)"
+    return 0
+  fi
   echo "=== [$name] (cap ${cap}s): $*"
   local t0=$SECONDS
   timeout --signal=TERM --kill-after=10 "$cap" "$@"
@@ -72,9 +80,14 @@ i = torch.randint(0, 16, (8, 3), device="cuda", dtype=torch.int32)
 y = torch.ops.xmc.ffi_forward(x, w, i, None)
 torch.cuda.synchronize()
 print("CUDA dispatch works:", tuple(y.shape), y.device)
+# The group-shared op too: 8 labels in groups of 4 share 2 index rows.
+y = torch.ops.xmc.ffi_group_forward(x, w, i[:2].contiguous(), None, 4)
+torch.cuda.synchronize()
+print("CUDA dispatch of the group op works:", tuple(y.shape), y.device)
 EOF
 
-stage check_cuda 180 "$PY" launch/gpu/check_cuda.py
+stage check_cuda 180 "$PY" launch/gpu/check_cuda.py --skip-group
+stage check_group 150 "$PY" launch/gpu/check_cuda.py --group-only
 
 # The L2 and HBM streaming bandwidth of this card: the bound of the FFI kernels' gathers and atomics.
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '.')
@@ -109,6 +122,36 @@ for dtype in (torch.float32, torch.bfloat16):
         torch.ops.xmc.ffi_backward(dy, x, w, i, True, True)  # fused in atomic mode
         torch.cuda.synchronize()
         print("memcheck pass:", dtype, mode)
+EOF
+  # The group layer: every kernel (SIMT both dtypes, bf16 tensor cores, G = 1 through the group
+  # kernels), partial last groups, groups wider than a block, several batch tiles and K-chunks, one
+  # gradient or both.
+  stage memcheck_group 90 "$SANITIZER" --tool memcheck --error-exitcode 3 "$PY" - <<'EOF'
+import os
+
+import torch
+
+from pipeline.ops import draw_fan_in_indices, load_ops
+
+load_ops()
+n, h, c, k = 131, 517, 203, 33
+variants = [(1, {"XMC_FFI_GROUP_PLAIN": "0"}), (8, {}), (12, {}), (16, {}), (16, {"XMC_FFI_GROUP_MMA": "0"}), (80, {})]
+for dtype in (torch.float32, torch.bfloat16):
+    for g, env in variants:
+        os.environ.pop("XMC_FFI_GROUP_PLAIN", None)
+        os.environ.pop("XMC_FFI_GROUP_MMA", None)
+        os.environ.update(env)
+        q = -(-c // g)
+        x = torch.randn(n, h, device="cuda").to(dtype)
+        w = torch.randn(c, k, device="cuda").to(dtype)
+        b = torch.randn(c, device="cuda").to(dtype)
+        dy = torch.randn(n, c, device="cuda").to(dtype)
+        i = draw_fan_in_indices(q, h, k).to(device="cuda", dtype=torch.int32)
+        torch.ops.xmc.ffi_group_forward(x, w, i, b, g)
+        for flags in ((True, True), (True, False), (False, True)):
+            torch.ops.xmc.ffi_group_backward(dy, x, w, i, g, *flags)
+        torch.cuda.synchronize()
+        print("memcheck pass (group):", dtype, "G =", g, env)
 EOF
 else
   echo "compute-sanitizer not found: memcheck left out"

@@ -54,6 +54,12 @@ def head_label_range(model: ModelConfig, num_labels: int, mp_size: int, mp_rank:
     return split_labels(num_labels, mp_size, mp_rank, unit)
 
 
+def needs_label_clusters(model: ModelConfig) -> bool:
+    """Whether the head works in a clustered label order that a fresh run computes from its training
+    set (`pipeline.models.label_clusters`); a resumed run reads it from the checkpoint."""
+    return model.head == "ffi" and model.ffi.grouping == "cluster" and model.ffi.group_size > 1
+
+
 def build_head(model: ModelConfig, label_range: LabelRange, seed: int) -> Head:
     """The output layer for the labels [label_range.start, label_range.stop) of this model-parallel rank,
     its label-sharded weights in `model.head_dtype` (initialised in float32, then rounded)."""

@@ -4,7 +4,9 @@ Compiled with torch.utils.cpp_extension (ninja) on first use and cached in a fol
 the sources, flags, torch version and CUDA arch, so edits rebuild and a cache copied to another
 machine is never reused for the wrong build. No -march=native: the innermost CPU loops carry their
 own AVX-512 / AVX2 / baseline clones. With a visible GPU and `csrc/ffi_cuda.cu` present, the CUDA
-kernels are compiled in too (`-DXMC_WITH_CUDA`).
+kernels are compiled in too (`-DXMC_WITH_CUDA`); the group-shared CUDA kernels (`ffi_group_cuda.cu`
+with its header) join them where both files exist (`-DXMC_WITH_GROUP_CUDA`), so a checkout without them
+still builds (its group ops then run on CPU tensors only).
 
 Environment variables of the extension, all optional (this is the one list of them):
 
@@ -32,9 +34,10 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ("ffi_binding.cpp", "ffi_cpu.cpp", "linear_softmax.cpp")
-CUDA_SOURCE = "ffi_cuda.cu"
-HEADERS = ("ffi_cpu.h", "ffi_cuda.h")
+CPU_SOURCES = ("ffi_binding.cpp", "ffi_cpu.cpp", "ffi_group_cpu.cpp", "linear_softmax.cpp")
+CUDA_SOURCES = ("ffi_cuda.cu", "ffi_group_cuda.cu")  # the first is required for a CUDA build
+GROUP_CUDA = ("ffi_group_cuda.cu", "ffi_group_cuda.h")  # compiled in only where both exist
+HEADERS = ("ffi_cpu.h", "ffi_group_cpu.h", "ffi_cuda.h", "ffi_group_cuda.h")
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
 
@@ -50,9 +53,9 @@ def cache_root() -> Path:
 def _want_cuda() -> bool:
     if os.environ.get("XMC_FFI_CUDA", "1") == "0" or not torch.cuda.is_available():
         return False
-    if not (CSRC / CUDA_SOURCE).exists():
+    if not (CSRC / CUDA_SOURCES[0]).exists():
         warnings.warn(
-            f"a GPU is visible but {CSRC / CUDA_SOURCE} is missing: building the FFI ops for CPU only, "
+            f"a GPU is visible but {CSRC / CUDA_SOURCES[0]} is missing: building the FFI ops for CPU only, "
             "so they will refuse CUDA tensors",
             stacklevel=3,
         )
@@ -65,6 +68,13 @@ def _want_cuda() -> bool:
             "or set XMC_FFI_CUDA=0 for a CPU-only build of the FFI ops"
         )
     return True
+
+
+def _cuda_sources() -> tuple[list[Path], list[str]]:
+    """The CUDA sources to compile and the defines they bring: the group kernels only with both files."""
+    with_group = all((CSRC / name).exists() for name in GROUP_CUDA)
+    names = [s for s in CUDA_SOURCES if with_group or s not in GROUP_CUDA]
+    return [CSRC / s for s in names], ["-DXMC_WITH_CUDA"] + (["-DXMC_WITH_GROUP_CUDA"] if with_group else [])
 
 
 def _cuda_flags() -> list[str]:
@@ -99,9 +109,10 @@ def load_ops() -> None:
     from torch.utils.cpp_extension import load
 
     with_cuda = _want_cuda()
-    sources = [CSRC / s for s in CPU_SOURCES] + ([CSRC / CUDA_SOURCE] if with_cuda else [])
+    cuda_sources, defines = _cuda_sources() if with_cuda else ([], [])
+    sources = [CSRC / s for s in CPU_SOURCES] + cuda_sources
     cuda_flags = _cuda_flags() if with_cuda else []
-    cflags = CFLAGS + (["-DXMC_WITH_CUDA"] if with_cuda else [])
+    cflags = CFLAGS + defines
     digest = hashlib.sha256()
     for path in sources + [CSRC / h for h in HEADERS if (CSRC / h).exists()]:
         digest.update(path.name.encode() + path.read_bytes())
@@ -113,7 +124,7 @@ def load_ops() -> None:
         name=name,
         sources=[str(s) for s in sources],
         extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags + (["-DXMC_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=cuda_flags + defines,
         extra_ldflags=LDFLAGS,
         extra_include_paths=[str(CSRC)],
         build_directory=str(build_dir),

@@ -4,6 +4,11 @@
 (int32, distinct within a row; changed only by rewiring) and bias `b [C]`. Uniform fan-in makes the
 work per output regular, which is why the kernels behind `torch.ops.xmc` (csrc/) are fast; there is
 deliberately no plain-PyTorch fallback here (it lives in the tests and the benchmark).
+
+Group-shared fan-in (`group_size` G > 1): labels in groups of G consecutive ids share one index row,
+`I [ceil(C / G), K]`, and keep their own weights: `y[n, c] = b[c] + sum_k W[c, k] * x[n, I[c // G, k]]`.
+Same 2*N*C*K flops per product, but a group reads each of its K input columns once for its G labels
+(a small dense product) instead of once per label.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pipeline.parallel.label_range import LabelRange
 
 _ELEMENT_BUDGET = 1 << 22  # elements of scratch per chunk of rows when drawing indices
 INIT_STREAM = 3  # block_init stream of a seeded layer's initial rows
+GROUP_INDEX_STREAM = 4  # block_init stream of a seeded group-shared layer's index rows (one per group)
 
 
 class _FixedFanInFunction(torch.autograd.Function):
@@ -53,6 +59,47 @@ def ffi_sparse(
     """Differentiable FFI product of a batch `x [N, H]`: returns `[N, C]` (gradients for x, values, bias)."""
     load_ops()
     return _FixedFanInFunction.apply(x, values, indices, bias)
+
+
+class _GroupFanInFunction(torch.autograd.Function):
+    """Autograd over torch.ops.xmc.ffi_group_forward / ffi_group_backward (one backward call for the
+    gradients of x and values that are needed); the bias gradient is a column sum."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, bias, group_size):
+        ctx.save_for_backward(x, values, indices)
+        ctx.has_bias, ctx.group_size = bias is not None, group_size
+        return torch.ops.xmc.ffi_group_forward(x, values, indices, bias, group_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, values, indices = ctx.saved_tensors
+        need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_values = grad_bias = None
+        if need_x or need_values:
+            grad_x, grad_values = torch.ops.xmc.ffi_group_backward(
+                grad_y, x, values, indices, ctx.group_size, need_x, need_values
+            )
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_values, None, grad_bias, None
+
+
+def ffi_group_sparse(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """Differentiable group-shared FFI product of a batch `x [N, H]`: returns `[N, C]`.
+
+    values `[C, K]`, indices `[ceil(C / group_size), K]` int32 (row q serves labels q*G .. q*G + G - 1),
+    bias `[C]` or None; gradients for x, values and bias. Cost: 2*N*C*K flops forward and per gradient.
+    """
+    load_ops()
+    return _GroupFanInFunction.apply(x, values, indices, bias, group_size)
 
 
 def _duplicates(candidates: torch.Tensor) -> torch.Tensor:
@@ -136,24 +183,44 @@ def draw_fan_in_indices(
 
 
 def _initial_rows(
-    rows: int, in_features: int, fan_in: int, seed: int | None, first_row: int
+    rows: int, in_features: int, fan_in: int, seed: int | None, first_row: int, group_size: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices, values, bias of rows [first_row, first_row + rows) of a seeded layer.
 
     Seeded layers draw per block of rows (`pipeline.parallel.block_init`), so a row's initial state does
-    not depend on how the outputs are split into shards.
+    not depend on how the outputs are split into shards. With group_size G > 1 the indices are one row
+    per group, drawn per block of groups (GROUP_INDEX_STREAM) over the groups of the range (first_row
+    is a multiple of G), and values and bias per block of label rows.
     """
     bound = 1.0 / math.sqrt(fan_in)
+    groups = -(-rows // group_size)
     if seed is None:
-        indices = draw_fan_in_indices(rows, in_features, fan_in)
+        indices = draw_fan_in_indices(groups, in_features, fan_in)
         values = torch.rand(rows, fan_in) * (2 * bound) - bound
         return indices, values, torch.rand(rows) * (2 * bound) - bound
+    if group_size == 1:
 
-    def draw(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
-        indices = draw_fan_in_indices(n, in_features, fan_in, gen)
-        return indices, uniform(gen, (n, fan_in), bound), uniform(gen, (n,), bound)
+        def draw(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+            indices = draw_fan_in_indices(n, in_features, fan_in, gen)
+            return indices, uniform(gen, (n, fan_in), bound), uniform(gen, (n,), bound)
 
-    return block_rows(LabelRange(first_row, first_row + rows, first_row + rows), seed, INIT_STREAM, draw)
+        label_range = LabelRange(first_row, first_row + rows, first_row + rows)
+        return block_rows(label_range, seed, INIT_STREAM, draw)
+
+    first_group = first_row // group_size
+    (indices,) = block_rows(
+        LabelRange(first_group, first_group + groups, first_group + groups),
+        seed,
+        GROUP_INDEX_STREAM,
+        lambda gen, n: (draw_fan_in_indices(n, in_features, fan_in, gen),),
+    )
+    values, bias = block_rows(
+        LabelRange(first_row, first_row + rows, first_row + rows),
+        seed,
+        INIT_STREAM,
+        lambda gen, n: (uniform(gen, (n, fan_in), bound), uniform(gen, (n,), bound)),
+    )
+    return indices, values, bias
 
 
 class FixedFanInSparse(nn.Module):
@@ -166,6 +233,13 @@ class FixedFanInSparse(nn.Module):
     [first_row, first_row + out_features) of the layer that seed gives any larger out_features: a shard
     of a label range starts exactly like the same rows of the whole layer. Inputs may have leading
     batch dimensions.
+
+    Group-shared fan-in (`group_size` G > 1): the outputs come in `groups = ceil(C / G)` groups of G
+    consecutive ids (the last may be partial) that share one index row, `indices [groups, K]`; each
+    output keeps its own K weights. A shard then starts at a group boundary (`first_row` a multiple of
+    G) and its rows equal those of the whole layer for any such split. Cost per fwd+bwd: 6*N*C*K flops
+    as for G = 1, with the K input columns of a group read once for its G outputs. G = 1 is the plain
+    layer (its own kernels, the same initial state as always).
     """
 
     def __init__(
@@ -178,14 +252,24 @@ class FixedFanInSparse(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         first_row: int = 0,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         if not 1 <= fan_in <= in_features:
             raise ValueError(f"fan_in must be in 1..in_features={in_features}, got {fan_in}")
         if out_features < 0 or first_row < 0:
             raise ValueError(f"out_features and first_row must be >= 0, got {out_features}, {first_row}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if first_row % group_size:
+            raise ValueError(
+                f"first_row {first_row} is not a multiple of group_size {group_size}: "
+                "a shard of a group-shared layer holds whole groups"
+            )
         self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
-        indices, values, b = _initial_rows(out_features, in_features, fan_in, seed, first_row)
+        self.group_size = group_size
+        self.groups = -(-out_features // group_size)
+        indices, values, b = _initial_rows(out_features, in_features, fan_in, seed, first_row, group_size)
         dtype = dtype or torch.get_default_dtype()
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int32))
         self.values = nn.Parameter(values.to(device=device, dtype=dtype))
@@ -198,18 +282,33 @@ class FixedFanInSparse(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.in_features)
-        y = ffi_sparse(flat, self.values, self.indices, self.bias)
+        if self.group_size == 1:
+            y = ffi_sparse(flat, self.values, self.indices, self.bias)
+        else:
+            y = ffi_group_sparse(flat, self.values, self.indices, self.bias, self.group_size)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def state_row_labels(self) -> dict[str, int]:
+        """Labels per row of each state tensor: one for values and bias, G for the index rows (what a
+        checkpoint's re-cut to another model-parallel split cuts by, `pipeline.models.build`)."""
+        return {"values": 1, "bias": 1, "indices": self.group_size}
+
+    def label_indices(self) -> torch.Tensor:
+        """Index row of every output, [C, K] int64 (group rows repeated G times); memory C*K."""
+        rows = self.indices.long()
+        if self.group_size == 1:
+            return rows
+        return rows.repeat_interleave(self.group_size, dim=0)[: self.out_features]
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight [C, H] (zeros off the connections); memory C*H, for checks."""
         dense = torch.zeros(
             self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device
         )
-        return dense.scatter_(1, self.indices.long(), self.values.detach())
+        return dense.scatter_(1, self.label_indices(), self.values.detach())
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
-            f"bias={self.bias is not None}"
+            f"group_size={self.group_size}, bias={self.bias is not None}"
         )

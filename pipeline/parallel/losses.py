@@ -166,7 +166,7 @@ class _SparseTargetLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, rows, cols, weight, kind):
-        terms = _TERMS[kind]
+        terms = TERMS[kind]
         per_row = terms.dense(z).sum(1) + rows_sum(terms.target_fix(z[rows, cols]), rows, z.shape[0])
         ctx.terms = terms
         ctx.save_for_backward(z, rows, cols, weight)
@@ -181,9 +181,10 @@ class _SparseTargetLoss(torch.autograd.Function):
         return g, None, None, None, None
 
 
-class _Terms(NamedTuple):
+class Terms(NamedTuple):
     """A per-label loss as f(z) for every label (the non-target term), plus f_target(z) - f(z) at the
-    targets; the gradient f'(z) everywhere, overwritten by f_target'(z) at the targets."""
+    targets; the gradient f'(z) everywhere, overwritten by f_target'(z) at the targets. Elementwise,
+    so any block of labels can be evaluated on its own (`pipeline.ops.chunked_loss`)."""
 
     dense: Callable[[torch.Tensor], torch.Tensor]
     target_fix: Callable[[torch.Tensor], torch.Tensor]
@@ -191,16 +192,16 @@ class _Terms(NamedTuple):
     target_grad: Callable[[torch.Tensor], torch.Tensor]
 
 
-_TERMS = {
+TERMS = {
     # BCE(z, 0) = softplus(z), BCE(z, 1) = softplus(-z) = softplus(z) - z
-    "bce": _Terms(
+    "bce": Terms(
         dense=F.softplus,
         target_fix=torch.neg,
         dense_grad=torch.sigmoid,
         target_grad=lambda z: -torch.sigmoid(-z),
     ),
     # max(0, 1 + z)^2 for a non-target label, max(0, 1 - z)^2 for a target
-    "squared_hinge": _Terms(
+    "squared_hinge": Terms(
         dense=lambda z: (z + 1).clamp_(min=0).square_(),
         target_fix=lambda z: (1 - z).clamp_(min=0).square_() - (z + 1).clamp_(min=0).square_(),
         dense_grad=lambda z: (z + 1).clamp_(min=0).mul_(2),
@@ -235,10 +236,23 @@ def distributed_loss(
     if kind == "softmax":
         targets = softmax_targets(label_indptr, label_indices, label_range, valid, z.device)
         return _SoftmaxCrossEntropy.apply(z, *targets, group)
-    indptr, indices, valid = (t.to(z.device) for t in (label_indptr, label_indices, valid))
-    rows, cols, _ = target_pairs(indptr, indices, label_range)
-    weight = valid.float() / valid.sum().clamp(min=1)
+    rows, cols, weight = label_targets(label_indptr, label_indices, label_range, valid, z.device)
     return _SumOverGroup.apply(_SparseTargetLoss.apply(z, rows, cols, weight, kind), group)
+
+
+def label_targets(
+    label_indptr: torch.Tensor,
+    label_indices: torch.Tensor,
+    label_range: LabelRange,
+    valid: torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the per-label losses (bce, squared_hinge) need of the targets, on `device`: the local target
+    pairs (rows, cols) and the per-sample weight [N] float32 (1 / number of valid samples, 0 for
+    padding)."""
+    indptr, indices, valid = (t.to(device) for t in (label_indptr, label_indices, valid))
+    rows, cols, _ = target_pairs(indptr, indices, label_range)
+    return rows, cols, valid.float() / valid.sum().clamp(min=1)
 
 
 def softmax_targets(

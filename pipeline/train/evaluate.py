@@ -31,11 +31,13 @@ def predict(
     k: int,
 ) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
     """(batch, top-k scores, top-k global label ids) for this rank's own samples, batch by batch; the
-    scores and ids on the CPU, like the batch."""
+    scores and ids on the CPU, like the batch. `head` is a `Head`."""
     own = slice(grid.mp_rank * batch_size, (grid.mp_rank + 1) * batch_size)
     for batch in batches:
         logits = head(group_batch(backbone, batch, grid, batch_size, with_labels=False).embeddings)
         scores, ids = distributed_topk(logits, k, label_range, grid.mp_group)
+        if head.label_order is not None:  # the head scores labels in its own order
+            ids = head.label_order.labels(ids)
         yield batch, scores[own][: batch.size].cpu(), ids[own][: batch.size].cpu()
 
 

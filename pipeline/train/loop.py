@@ -36,10 +36,17 @@ from torch import nn
 from pipeline.config import ConfigError, RunConfig, TrainConfig
 from pipeline.data import Batch, make_loader, read_manifest
 from pipeline.data.partition import streams_misfit
-from pipeline.models.build import build_backbone, build_head, build_tokenizer, head_label_range
+from pipeline.models.build import (
+    build_backbone,
+    build_head,
+    build_tokenizer,
+    head_label_range,
+    needs_label_clusters,
+)
 from pipeline.models.group_batch import GroupBatch, group_batch
 from pipeline.models.heads.loss import head_loss
 from pipeline.models.heads.prior import set_prior_bias
+from pipeline.models.label_clusters import LabelOrder, balanced_order, label_centroids
 from pipeline.models.sparse_bag import SparseBag
 from pipeline.parallel.distributed import collective_device
 from pipeline.parallel.gradient_exchange import GradientExchange
@@ -176,6 +183,8 @@ class Trainer:
         sparse = config.model.sparse_bag and config.model.backbone == "bow"
         self.bag: SparseBag | None = SparseBag.take_from(backbone) if sparse else None
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
+        if resume is None and needs_label_clusters(config.model):
+            self.head.set_label_order(self.cluster_labels())
         if config.model.prior_bias:
             set_prior_bias(self.head, m.label_frequencies, m.num_samples, config.model.loss)
         other_world = resume is not None and ckpt.read_meta(resume)["world_size"] != grid.world_size
@@ -256,6 +265,28 @@ class Trainer:
             expected=(self.train_manifest.num_features, self.num_labels),
             tokenizer=self.tokenizer,
         )
+
+    def cluster_labels(self) -> LabelOrder:
+        """The clustered label order of a group-shared FFI head (`pipeline.models.label_clusters`):
+        rank 0 makes one pass over the training set in file order, every rank receives the order."""
+        order = torch.empty(self.num_labels, dtype=torch.int64)
+        if self.rank0:
+            d, m = self.config.data, self.train_manifest
+            batches = make_loader(
+                d.train,
+                1024,
+                0,
+                1,
+                shuffle=False,
+                num_workers=0,
+                bad_samples=d.bad_samples,
+                expected=(m.num_features, self.num_labels),
+            )
+            centroids = label_centroids(batches, self.num_labels, m.num_features, self.config.train.seed)
+            order = balanced_order(centroids, self.config.model.ffi.group_size, self.config.train.seed).order
+        order = order.to(collective_device())
+        dist.broadcast(order, src=0)
+        return LabelOrder(order.cpu())
 
     def train_batches(self):
         """Batches forever, epoch after epoch, starting at the saved data position."""

@@ -5,7 +5,9 @@ group's gathered embeddings [N, d] to logits [N, label_range.size] for its label
 parameters are either sharded by label range (one row per local label) or replicated over the group
 (whole on every rank; the trainer sums their gradients over the group). Heads whose logits are a
 linear product `linear_input(h) @ weight.T + bias` also implement `LinearHead`, which lets the
-softmax loss fuse the product with the loss (`pipeline.models.heads.loss`).
+softmax loss fuse the product with the loss (`pipeline.models.heads.loss`). Every head splits into
+features (`loss_features`) and a last layer evaluated per block of labels (`chunk_logits`), which the
+chunked loss (`pipeline.ops.chunked_loss`) runs without the whole logits.
 """
 
 from __future__ import annotations
@@ -15,15 +17,30 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from pipeline.models.label_clusters import LabelOrder
 from pipeline.parallel.label_range import LabelRange
 
 
 @runtime_checkable
 class Head(Protocol):
     label_range: LabelRange
+    label_order: LabelOrder | None
+    """The order the head scores the labels in (its logits' columns are positions; the loss maps
+    target ids to positions, predictions map positions back), or None: label id order."""
 
     def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [N, label_range.size] from embeddings [N, d]."""
+        ...
+
+    def loss_features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The input of the head's last, label-sharded layer [N, k], computed once per step with ordinary
+        autograd (the replicated layers before it get their gradients through it)."""
+        ...
+
+    def chunk_logits(self, features: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Logits [N, hi - lo] of local labels [lo, hi) from `loss_features` [N, k], through row slices
+        `p[lo:hi]` of the sharded parameters only (the chunked loss takes gradients at those slices).
+        Concatenated over a cover of [0, label_range.size) they equal the head's logits."""
         ...
 
     def replicated_parameters(self) -> list[nn.Parameter]:

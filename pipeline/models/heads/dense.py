@@ -22,6 +22,8 @@ INIT_STREAM = 0  # block_init stream of the dense head's weight rows and biases
 class DenseHead(nn.Module):
     """Logits [N, label_range.size] = embeddings [N, in_features] @ W_local^T + b_local."""
 
+    label_order = None  # labels in id order
+
     def __init__(self, in_features: int, label_range: LabelRange, bias: bool = True, seed: int = 0) -> None:
         super().__init__()
         self.in_features, self.label_range, self.seed = in_features, label_range, seed
@@ -49,11 +51,22 @@ class DenseHead(nn.Module):
             self.bias.copy_(bias)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(embeddings, self.weight, self.bias)
+        # A bfloat16 W (model.head_dtype) multiplies bf16 embeddings with float32 accumulation.
+        return nn.functional.linear(embeddings.to(self.weight.dtype), self.weight, self.bias)
 
     def linear_input(self, embeddings: torch.Tensor) -> torch.Tensor:
         """x with logits = x W^T + b (here the embeddings): lets the softmax loss fuse the product."""
         return embeddings
+
+    def loss_features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The last layer's input: the embeddings themselves."""
+        return embeddings
+
+    def chunk_logits(self, features: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Logits [N, hi - lo] = features [N, in_features] @ W[lo:hi]^T + b[lo:hi], in the features'
+        dtype (bfloat16 rows are widened, a [hi - lo, in_features] copy)."""
+        bias = None if self.bias is None else self.bias[lo:hi].to(features.dtype)
+        return nn.functional.linear(features, self.weight[lo:hi].to(features.dtype), bias)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank of the model-parallel group holds whole: none."""

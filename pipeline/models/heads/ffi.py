@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.ops.ffi_sparse import FixedFanInSparse
+from pipeline.models.label_clusters import LabelOrder
+from pipeline.ops.ffi_sparse import FixedFanInSparse, ffi_group_sparse, ffi_sparse
 from pipeline.ops.rewiring import rewire
 from pipeline.parallel.label_range import LabelRange
 
@@ -37,6 +38,8 @@ class FFIHead(nn.Module):
         seed: int = 0,
         rewire_every: int = 0,
         rewire_fraction: float = 0.1,
+        group_size: int = 1,
+        clustered: bool = False,
     ) -> None:
         super().__init__()
         self.label_range, self.seed = label_range, seed
@@ -44,8 +47,13 @@ class FFIHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.intermediate = nn.Linear(in_features, hidden)
         self.sparse = FixedFanInSparse(
-            hidden, label_range.size, fan_in, seed=seed, first_row=label_range.start
+            hidden, label_range.size, fan_in, seed=seed, first_row=label_range.start, group_size=group_size
         )
+        # Clustered groups: the labels in an order whose runs of G are clusters (set by the trainer
+        # from the training set, `pipeline.models.label_clusters`; kept in the state_dict, replicated).
+        if clustered:
+            self.register_buffer("order", torch.arange(label_range.num_labels))
+        self._label_order: tuple[int, LabelOrder] | None = None
         self._init_intermediate(torch.Generator().manual_seed(seed))
 
     @classmethod
@@ -60,6 +68,8 @@ class FFIHead(nn.Module):
             seed=seed,
             rewire_every=f.rewire_every,
             rewire_fraction=f.rewire_fraction,
+            group_size=f.group_size,
+            clustered=f.grouping == "cluster" and f.group_size > 1,
         )
 
     @torch.no_grad()
@@ -70,9 +80,27 @@ class FFIHead(nn.Module):
         self.intermediate.weight.uniform_(-bound, bound, generator=generator)
         self.intermediate.bias.uniform_(-bound, bound, generator=generator)
 
+    @property
+    def label_order(self) -> LabelOrder | None:
+        """The clustered label order (None: groups of contiguous label ids)."""
+        order = getattr(self, "order", None)
+        if order is None:
+            return None
+        if self._label_order is None or self._label_order[0] != order._version:
+            self._label_order = (order._version, LabelOrder(order.cpu()))
+        return self._label_order[1]
+
+    @torch.no_grad()
+    def set_label_order(self, order: LabelOrder) -> None:
+        """Score the labels in `order` (before training starts: the rows are positions)."""
+        if getattr(self, "order", None) is None:
+            raise ValueError(
+                "this FFI head groups contiguous label ids; a label order needs grouping='cluster'"
+            )
+        self.order.copy_(order.order)
+
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        hidden = torch.relu(self.intermediate(self.dropout(embeddings)))
-        return self.sparse(hidden)
+        return self.sparse(self.loss_features(embeddings).to(self.sparse.values.dtype))
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """The intermediate layer: whole on every rank of the model-parallel group."""
@@ -102,3 +130,23 @@ class FFIHead(nn.Module):
     ) -> int:
         """Rewire this rank's sparse layer (see pipeline.ops.rewiring.rewire); returns connections moved."""
         return rewire(self.sparse, fraction, generator, optimizer, init_value)
+
+    def loss_features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The sparse layer's input [N, hidden]: relu(intermediate(dropout(embeddings)))."""
+        return torch.relu(self.intermediate(self.dropout(embeddings)))
+
+    def chunk_logits(self, features: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Logits [N, hi - lo] of local labels [lo, hi): the sparse layer on rows lo:hi of its values and
+        bias. A group-shared layer (`group_size` G > 1: one row of indices per G labels) takes whole
+        groups: lo a multiple of G, hi too unless it is the last label; its index rows are
+        [lo // G, ceil(hi / G)) and `ffi_group_sparse` scores them."""
+        layer = self.sparse
+        g = getattr(layer, "group_size", 1)
+        if lo % g or (hi % g and hi != layer.out_features):
+            raise ValueError(f"labels [{lo}, {hi}) cut a group of {g} labels of the sparse layer")
+        values = layer.values[lo:hi].to(features.dtype)
+        bias = None if layer.bias is None else layer.bias[lo:hi].to(features.dtype)
+        indices = layer.indices[lo // g : -(-hi // g)]
+        if g == 1:
+            return ffi_sparse(features, values, indices, bias)
+        return ffi_group_sparse(features, values, indices, bias, g)

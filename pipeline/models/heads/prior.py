@@ -40,7 +40,12 @@ def prior_bias(
 
 @torch.no_grad()
 def set_prior_bias(head: Head, frequencies: torch.Tensor, num_samples: int, loss: str) -> None:
-    """Overwrite the head's output bias (if it has one) with the priors of its label range."""
+    """Overwrite the head's output bias (if it has one) with the priors of its label range (in the
+    head's label order, when it has one)."""
     bias = head.output_bias()
-    if bias is not None:
-        bias.copy_(prior_bias(frequencies, num_samples, loss, head.label_range).to(bias.device))
+    if bias is None:
+        return
+    frequencies = torch.as_tensor(frequencies)
+    if head.label_order is not None:
+        frequencies = frequencies[head.label_order.order]
+    bias.copy_(prior_bias(frequencies, num_samples, loss, head.label_range).to(bias.device))

@@ -51,6 +51,8 @@ class RPHead(nn.Module):
     non-persistent buffer, regenerated on construction and whenever a state_dict brings another seed.
     """
 
+    label_order = None  # labels in id order
+
     def __init__(
         self,
         in_features: int,
@@ -84,12 +86,22 @@ class RPHead(nn.Module):
         # h R first: N*d*k + N*k*C multiply-adds, against d*k*C + N*d*C for h (R V^T). The bias is
         # added in place after the product: on CPU, addmm with a broadcast bias (what F.linear does)
         # took 3x the time of the plain product at k = 64, C = 200,000 (see launch/benchmarks/rp.py).
-        logits = self.linear_input(h) @ self.weight.t()
+        # A bfloat16 V (model.head_dtype) multiplies bf16 z with float32 accumulation.
+        logits = self.linear_input(h).to(self.weight.dtype) @ self.weight.t()
         return logits if self.bias is None else logits.add_(self.bias)
 
     def linear_input(self, h: torch.Tensor) -> torch.Tensor:
         """z = h R, with logits = z V^T + b: lets the softmax loss fuse the product."""
         return h.to(self.projection.dtype) @ self.projection
+
+    def loss_features(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's input: the projected embeddings z = h R [N, dim]."""
+        return self.linear_input(h)
+
+    def chunk_logits(self, features: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Logits [N, hi - lo] = z V[lo:hi]^T + b[lo:hi] from z = `loss_features(h)`, in z's dtype."""
+        logits = features @ self.weight[lo:hi].to(features.dtype).t()
+        return logits if self.bias is None else logits.add_(self.bias[lo:hi].to(features.dtype))
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         return []
