@@ -119,9 +119,12 @@ def test_deepspeed_run_learns_and_leaves_logs(reference_run):
 
 
 def test_mpirun_ffi_model_parallel_run_learns(tmp_path, data):
+    """An ffi head split over 2 ranks, rewired, its weights in bfloat16, its loss chunked (never the
+    whole logits) and each chunk's rows updated inside the backward (never the whole gradient)."""
     out = tmp_path / "run"
     sets = ["model.head=ffi", "model.loss=softmax", "model.ffi.hidden=128", "model.ffi.fan_in=8"]
     sets += ["model.ffi.rewire_every=4", "parallel.model_parallel=2", "train.checkpoint_every=0"]
+    sets += ["model.head_dtype=bfloat16", "model.loss_chunk=24", "model.head_update=chunk"]
     # From random biases: with prior biases the run starts at the popularity solution, whose loss the
     # 16 steps cannot cut by the 5% this test asks for.
     sets += ["model.prior_bias=false"]
@@ -131,6 +134,11 @@ def test_mpirun_ffi_model_parallel_run_learns(tmp_path, data):
     assert sum(losses[-4:]) / 4 < 0.95 * sum(losses[:4]) / 4, losses
     result = final(out)
     assert result["final"]["P@1"] > 1.5 * result["popularity_baseline"]["P@1"], result
+    shard = torch.load(latest_checkpoint(out / "checkpoints") / "head" / "rank00001.pt", weights_only=False)
+    assert shard["head"]["sparse.values"].dtype == torch.bfloat16
+    assert shard["head"]["intermediate.weight"].dtype == torch.float32  # replicated layers stay float32
+    moments = shard["optimizer"]["sparse.values"]
+    assert moments["exp_avg"].dtype == torch.float32 and float(moments["step"]) == STEPS
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, data, reference_run):
@@ -452,10 +460,13 @@ def layout_job(out: Path, data: Path, layout: str, sets: list[str], resume_from:
     "stage, sets, moves",
     [
         ("zero1", [], [("2x2", "1x2"), ("1x2", "2x2"), ("1x2", "2x1")]),
-        (  # the bag's table inside ZeRO-3 (not the row-sparse path); an ffi head without dropout or rewiring
+        (  # the bag's table inside ZeRO-3 (not the row-sparse path); a group-shared ffi head (groups of
+            # 8 clustered labels: the order is computed once and kept; shards hold whole groups) without
+            # dropout or rewiring
             "zero3",
             ["model.sparse_bag=false", "model.head=ffi", "model.ffi.hidden=64", "model.ffi.fan_in=8"]
-            + ["model.ffi.dropout=0", "model.ffi.rewire_every=0"],
+            + ["model.ffi.dropout=0", "model.ffi.rewire_every=0"]
+            + ["model.ffi.group_size=8", "model.ffi.grouping=cluster"],
             [("2x2", "2x1"), ("2x1", "2x2")],
         ),
     ],
