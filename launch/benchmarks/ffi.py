@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta
 
 REFERENCE = {"dense_fwd_bwd_s": 2.3, "csr_forward_s": 0.11, "threads": 2, "shape": [256, 2048, 65536, 32]}
 SCALE = {"labels": 670_091, "hidden": 65_536, "fan_in": 32}
+DENSE_LIMIT_BYTES = 16 << 30  # a dense comparison layer (weights, gradient, moments) above this is not timed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to scale over"
     )
     parser.add_argument("--skip-scale", action="store_true", help="leave out the 670K-label runs")
+    parser.add_argument(
+        "--paper-groups",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="BATCH",
+        help="only the group-size table at the paper shape (H 65,536 -> 670,091, K 32) for these batches "
+        "(e.g. 128 512); the dense layer is not timed there (175 GB of float32 weights)",
+    )
     parser.add_argument(
         "--group-size",
         type=int,
@@ -380,8 +390,11 @@ def group_sizes_table(
         name = str(dtype).removeprefix("torch.")
         x = torch.randn(batch, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
         dy = torch.randn(batch, labels, generator=g).to(device=device, dtype=dtype)
+        dense_bytes = hidden * labels * x.element_size() * 4  # weights, gradient, two Adam moments
         if dtype == torch.float32 and dense_fp32_s is not None:
             dense_s = dense_fp32_s  # measured by compare() at this shape in this run
+        elif dense_bytes > DENSE_LIMIT_BYTES:
+            dense_s = None  # the paper shape: 175 GB of float32 dense weights
         else:
             dense = nn.Linear(hidden, labels, device=device, dtype=dtype)
             dense_s = timed(_layer_step(dense, x, dy, [dense.weight, dense.bias]), repeats, device)
@@ -400,17 +413,19 @@ def group_sizes_table(
                 "index_bytes": layer.indices.numel() * 4,
             }
         base = rows["1"]["fwd_bwd_s"]
+        dense_text = "not timed (too large)" if dense_s is None else f"{dense_s:.4f} s"
         print(
-            f"[{batch}x{hidden} -> {labels}, K={fan_in}] {name}: dense nn.Linear fwd+bwd {dense_s:.4f} s",
+            f"[{batch}x{hidden} -> {labels}, K={fan_in}] {name}: dense nn.Linear fwd+bwd {dense_text}",
             flush=True,
         )
         for size in sizes:
             r = rows[str(size)]
             r["g1_over_this"] = base / r["fwd_bwd_s"]
-            r["dense_over_this"] = dense_s / r["fwd_bwd_s"]
+            r["dense_over_this"] = None if dense_s is None else dense_s / r["fwd_bwd_s"]
+            vs_dense = "" if dense_s is None else f"{r['dense_over_this']:6.1f}x dense  "
             print(
                 f"    G={size:<4d} fwd+bwd {r['fwd_bwd_s']:.4f} s  {r['g1_over_this']:5.2f}x G=1  "
-                f"{r['dense_over_this']:6.1f}x dense  {r['gflop_per_s']:6.1f} GFLOP/s  "
+                f"{vs_dense}{r['gflop_per_s']:6.1f} GFLOP/s  "
                 f"min traffic {r['min_bytes'] / 2**20:,.1f} MiB ({r['GB_per_s']:.1f} GB/s)",
                 flush=True,
             )
@@ -472,6 +487,14 @@ def run(args: argparse.Namespace) -> dict:
     figures: dict = {"device": str(device), "threads": threads, "repeats": repeats, "reference": REFERENCE}
     if device.type == "cuda":
         figures["gpu"] = torch.cuda.get_device_name(device)
+    if args.paper_groups is not None:
+        figures["paper_groups"] = [
+            group_sizes_table(
+                b, SCALE["hidden"], SCALE["labels"], SCALE["fan_in"], args.group_size, repeats, device
+            )
+            for b in args.paper_groups or [128, 512]
+        ]
+        return figures
     figures["compare"] = [
         compare(b, h, c, k, repeats, device)
         for b, h, c, k in itertools.product(batches, hiddens, labels, fan_ins)

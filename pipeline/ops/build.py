@@ -18,6 +18,10 @@ Environment variables of the extension, all optional (this is the one list of th
     XMC_FFI_FUSED          CUDA FFI backward: auto (default; dx and dW in one pass for float32 only),
                            1 (fused for float32 and bfloat16), 0 (never fused)
     XMC_FFI_L2_BUDGET_MB   CUDA: bytes of one batch tile kept L2-resident (default 45% of the card's L2)
+    XMC_FFI_GROUP_PLAIN    CUDA group-shared ops at G = 1: 1 (default) the plain layer's kernels, 0 the
+                           group kernels (for the GPU check)
+    XMC_FFI_GROUP_MMA      CUDA group-shared bf16 forward: 1 (default) tensor cores (wmma) where G is a
+                           multiple of 16, 0 the SIMT path always
 
 The XMC_FFI_* kernel knobs are read on every call, so a process can switch between calls (the
 benchmarks and the GPU check compare the variants); the defaults are the measured best.
