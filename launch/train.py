@@ -59,11 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_before_start(config: RunConfig) -> None:
-    """Fail before start-up when the model-parallel size or data.streams cannot fit the launched world,
+    """Fail before start-up when the model-parallel size, data.streams or a per-chunk head update
+    (model.head_update) cannot fit the launched world,
     or when the synthetic set would have to be generated but data.train/data.test are not a
     <folder>/train, <folder>/test pair."""
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1")
     Layout(world, config.parallel.model_parallel)
+    from pipeline.train.loop import check_head_update
+
+    check_head_update(config, world)
     if config.data.streams and (misfit := streams_misfit(config.data.streams, world, config.data.batch_size)):
         raise ConfigError(f"data.streams: {misfit}")
     train, test = Path(config.data.train), Path(config.data.test)

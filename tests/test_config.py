@@ -133,6 +133,12 @@ def test_train_cli_exits_2_before_startup(tmp_path, raw, extra, message):
             ["data.streams=8", "data.batch_size=1"],
             "data.streams: a global batch of 1 x 4 samples cannot take one from each of 8 data streams",
         ),
+        (
+            ["model.loss_chunk=64", "model.head_update=chunk", "parallel.model_parallel=2"],
+            "model.head_update: 'chunk' updates the head inside the backward, which needs its whole "
+            "gradient there: no data-parallel head replicas (here 2",
+        ),
+        (["model.head_update=chunk"], "model: head_update='chunk' needs loss_chunk > 0"),
     ],
 )
 def test_the_grid_and_the_data_streams_must_fit_the_world(tmp_path, sets, message):

@@ -92,6 +92,21 @@ def deepspeed_config(config: RunConfig, world_size: int, load_universal: bool = 
     return ds
 
 
+def check_head_update(config: RunConfig, world_size: int) -> None:
+    """`model.head_update = "chunk"` updates the head inside the backward, which needs each chunk's
+    whole gradient there: no data-parallel head replicas to average with, no gradient accumulation."""
+    if config.model.head_update != "chunk":
+        return
+    dp = world_size // config.parallel.model_parallel
+    accumulation = int(dict(config.deepspeed).get("gradient_accumulation_steps", 1))
+    if dp > 1 or accumulation > 1:
+        raise ConfigError(
+            "model.head_update: 'chunk' updates the head inside the backward, which needs its whole gradient "
+            f"there: no data-parallel head replicas (here {dp}: set parallel.model_parallel to the world "
+            f"size) and no gradient accumulation (here {accumulation})"
+        )
+
+
 def backbone_param_groups(
     backbone: nn.Module, train: TrainConfig, total: int
 ) -> tuple[list[dict[str, Any]], list[Callable[[int], float]]]:
@@ -190,15 +205,7 @@ class Trainer:
         other_world = resume is not None and ckpt.read_meta(resume)["world_size"] != grid.world_size
         ds_config = deepspeed_config(config, grid.world_size, load_universal=other_world)
         self.samples_per_step = ds_config["train_batch_size"]  # batch x accumulation x world
-        if config.model.head_update == "chunk" and (
-            grid.dp > 1 or ds_config["gradient_accumulation_steps"] > 1
-        ):
-            raise ConfigError(
-                "model.head_update: 'chunk' updates the head inside the backward, which needs the whole "
-                f"gradient there: no data-parallel head replicas (here {grid.dp}: set "
-                "parallel.model_parallel to the world size) and no gradient accumulation (here "
-                f"{ds_config['gradient_accumulation_steps']})"
-            )
+        check_head_update(config, grid.world_size)
         self.total_steps = total_steps(config.train, m.num_samples, self.samples_per_step)
         total, warmup = self.total_steps, config.train.warmup_steps
         schedule = lambda step: lr_factor(step, warmup, total)  # noqa: E731
