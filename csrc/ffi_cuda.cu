@@ -21,6 +21,7 @@
 // Forward and dW need the transposed x but the contract gives them no workspace: they take it from a
 // private stream-ordered memory pool (cudaMallocFromPoolAsync), which torch's allocator does not see.
 #include "ffi_cuda.h"
+#include "cuda_scratch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -46,12 +47,9 @@ constexpr unsigned kFull = 0xffffffffu;
 
 // ---------------------------------------------------------------- errors
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("xmc FFI CUDA: ") + what + ": " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-  }
-}
+using cuda::Scratch;
+
+void check_cuda(cudaError_t err, const char* what) { cuda::check(err, what); }
 
 // A failed launch (bad configuration, no kernel image for this GPU) shows up here, not later.
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
@@ -709,53 +707,6 @@ bool use_fused(FfiDtype dtype, bool need_input, bool need_weight) {
   if (std::strcmp(s, "0") == 0) return false;
   throw std::runtime_error(std::string("xmc FFI CUDA: XMC_FFI_FUSED must be 'auto', '1' or '0', got '") + s + "'");
 }
-
-// ---------------------------------------------------------------- private stream-ordered pool
-
-// Forward and dW get no workspace from the contract: their transposed x comes from this pool. It
-// keeps freed memory (release threshold: unlimited) so a steady training loop does not remap it.
-cudaMemPool_t scratch_pool(int dev) {
-  static std::mutex mu;
-  static cudaMemPool_t pools[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (dev < 0 || dev >= 64) throw std::runtime_error("xmc FFI CUDA: device ordinal out of range");
-  if (pools[dev] == nullptr) {
-    cudaMemPoolProps props{};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = dev;
-    cudaMemPool_t pool = nullptr;
-    check_cuda(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
-    unsigned long long keep = ~0ull;
-    check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
-    pools[dev] = pool;
-  }
-  return pools[dev];
-}
-
-// Scratch buffer freed (stream-ordered) when it leaves scope, also when a later launch throws.
-class Scratch {
- public:
-  Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    int dev = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaMallocFromPoolAsync(&ptr_, std::max<size_t>(bytes, 256), scratch_pool(dev), stream),
-               "cudaMallocFromPoolAsync (scratch of the FFI kernels)");
-  }
-  ~Scratch() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  template <typename P>
-  P* as() const {
-    return static_cast<P*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
 
 // ---------------------------------------------------------------- launch helpers
 

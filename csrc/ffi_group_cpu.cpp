@@ -29,6 +29,7 @@
 //   x86-64 (target_clones picks one at load time): the AVX-512 clone turns `vector * scalar` into FMAs
 //   with an embedded broadcast from memory. Scratch memory is kept per calling thread between calls.
 #include "ffi_group_cpu.h"
+#include "cpu_common.h"
 
 #include <omp.h>
 
@@ -41,13 +42,10 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-#define XMC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define XMC_STREAM_STORES 1
 #else
-#define XMC_CLONES
 #define XMC_STREAM_STORES 0
 #endif
-#define XMC_INLINE inline __attribute__((always_inline))
 
 namespace xmc {
 namespace {
@@ -68,44 +66,10 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// Element type -> accumulation type and conversions (uint16_t always means bfloat16 here).
-template <typename E>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static float load(float v) { return v; }
-  static float store(float a) { return a; }
-};
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static double load(double v) { return v; }
-  static double store(double a) { return a; }
-};
-template <>
-struct Elem<uint16_t> {
-  using Acc = float;
-  static float load(uint16_t v) { return bf16_to_float(v); }
-  static uint16_t store(float a) { return float_to_bf16(a); }
-};
-
-int clamp_threads(int n) { return n < 1 ? 1 : n; }
+using cpu::Elem;
+using cpu::bf16_to_float;
+using cpu::clamp_threads;
+using cpu::float_to_bf16;
 
 // Vector values never cross a call (these and their users are always_inline), so the note that a
 // vector return changes the ABI without AVX does not apply.

@@ -23,6 +23,7 @@
 //   Batch tile 64 for every backward path, so that the tile's x slab and dx accumulator share the L2.
 // Forward has no workspace in the contract: its transposed x comes from a private stream-ordered pool.
 #include "ffi_group_cuda.h"
+#include "cuda_scratch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -52,12 +53,9 @@ constexpr int kWarps = kThreads / 32;
 
 // ---------------------------------------------------------------- errors
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("xmc group FFI CUDA: ") + what + ": " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-  }
-}
+using cuda::Scratch;
+
+void check_cuda(cudaError_t err, const char* what) { cuda::check(err, what); }
 
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
@@ -771,53 +769,6 @@ dim3 main_grid(int64_t G, int64_t Q, int CS, int NC, int64_t tiles) {
                              " tiles exceeds the grid limit (65,535 tiles)");
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
 }
-
-// ---------------------------------------------------------------- private stream-ordered pool
-
-// The forward gets no workspace from the contract: its transposed x comes from this pool, which keeps
-// freed memory (release threshold: unlimited) so a steady training loop does not remap it.
-cudaMemPool_t scratch_pool(int dev) {
-  static std::mutex mu;
-  static cudaMemPool_t pools[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (dev < 0 || dev >= 64) throw std::runtime_error("xmc group FFI CUDA: device ordinal out of range");
-  if (pools[dev] == nullptr) {
-    cudaMemPoolProps props{};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = dev;
-    cudaMemPool_t pool = nullptr;
-    check_cuda(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
-    unsigned long long keep = ~0ull;
-    check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
-    pools[dev] = pool;
-  }
-  return pools[dev];
-}
-
-// Scratch buffer freed (stream-ordered) when it leaves scope, also when a later launch throws.
-class Scratch {
- public:
-  Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    int dev = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaMallocFromPoolAsync(&ptr_, std::max<size_t>(bytes, 256), scratch_pool(dev), stream),
-               "cudaMallocFromPoolAsync (scratch of the group FFI forward)");
-  }
-  ~Scratch() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  template <typename P>
-  P* as() const {
-    return static_cast<P*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
 
 // ---------------------------------------------------------------- launch helpers
 

@@ -41,7 +41,14 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("ffi_binding.cpp", "ffi_cpu.cpp", "ffi_group_cpu.cpp", "linear_softmax.cpp")
 CUDA_SOURCES = ("ffi_cuda.cu", "ffi_group_cuda.cu")  # the first is required for a CUDA build
 GROUP_CUDA = ("ffi_group_cuda.cu", "ffi_group_cuda.h")  # compiled in only where both exist
-HEADERS = ("ffi_cpu.h", "ffi_group_cpu.h", "ffi_cuda.h", "ffi_group_cuda.h")
+HEADERS = (
+    "cpu_common.h",
+    "ffi_cpu.h",
+    "ffi_group_cpu.h",
+    "cuda_scratch.cuh",
+    "ffi_cuda.h",
+    "ffi_group_cuda.h",
+)
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
 
