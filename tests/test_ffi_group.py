@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.ops import FixedFanInSparse, draw_fan_in_indices, ffi_group_sparse, load_ops, rewire
+from pipeline.ops import FixedFanInSparse, draw_fan_in_indices, ffi_sparse, load_ops, rewire
 from pipeline.ops.ffi_sparse import INIT_STREAM
 from pipeline.parallel.block_init import block_rows, uniform
 from pipeline.parallel.label_range import LabelRange
@@ -132,14 +132,14 @@ def test_autograd_matches_dense_and_calls_backward_once(monkeypatch):
 
     monkeypatch.setattr(torch.ops.xmc, "ffi_group_backward", recording)
     xs, vs, bs = (t.clone().requires_grad_() for t in (x, values, bias))
-    y = ffi_group_sparse(xs, vs, indices, bs, 4)
+    y = ffi_sparse(xs, vs, indices, bs, 4)
     y.backward(dy)
     _close(y.detach(), y_ref, 1e-12)
     _close(xs.grad, dx_ref, 1e-12)
     _close(vs.grad, dw_ref, 1e-12)
     _close(bs.grad, db_ref, 1e-12)
-    ffi_group_sparse(xs, vs.detach(), indices, None, 4).sum().backward()  # x only
-    ffi_group_sparse(x, values, indices, bs, 4).sum().backward()  # bias only: no kernel call
+    ffi_sparse(xs, vs.detach(), indices, None, 4).sum().backward()  # x only
+    ffi_sparse(x, values, indices, bs, 4).sum().backward()  # bias only: no kernel call
     assert calls == [(4, True, True), (4, True, False)]
 
 
@@ -147,7 +147,7 @@ def test_gradcheck_float64():
     x, values, indices, bias, _ = _problem(4, 7, 5, 3, 2)
     for t in (x, values, bias):
         t.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, w, b: ffi_group_sparse(a, w, indices, b, 2), (x, values, bias))
+    assert torch.autograd.gradcheck(lambda a, w, b: ffi_sparse(a, w, indices, b, 2), (x, values, bias))
 
 
 def test_degenerate_shapes():

@@ -2,13 +2,12 @@
 and its rewiring."""
 
 from pipeline.ops.build import load_ops
-from pipeline.ops.ffi_sparse import FixedFanInSparse, draw_fan_in_indices, ffi_group_sparse, ffi_sparse
+from pipeline.ops.ffi_sparse import FixedFanInSparse, draw_fan_in_indices, ffi_sparse
 from pipeline.ops.rewiring import rewire
 
 __all__ = [
     "FixedFanInSparse",
     "draw_fan_in_indices",
-    "ffi_group_sparse",
     "ffi_sparse",
     "load_ops",
     "rewire",

@@ -77,12 +77,6 @@ RowUpdate = Callable[[int, int, list[torch.Tensor | None]], None]
 `head.sharded_parameters()` order (None for a parameter that does not require grad)."""
 
 
-def chunk_unit(head: Head) -> int:
-    """Labels a chunk boundary must not cut: G for a group-shared FFI layer (`head.sparse.group_size`,
-    one row of indices per G labels), else 1."""
-    return int(getattr(getattr(head, "sparse", None), "group_size", 1))
-
-
 class _Setup(NamedTuple):
     """What both directions need: the head, the chunks and the targets, on the features' device."""
 
@@ -242,7 +236,7 @@ def chunked_loss(
     update: RowUpdate | None = None,
 ) -> torch.Tensor:
     """`distributed_loss(kind, head(h), ...)` from features = head.loss_features(h) [N, k], `chunk`
-    labels at a time (rounded up to a multiple of `chunk_unit(head)`); see the module docstring.
+    labels at a time (rounded up to a multiple of `head.label_unit`); see the module docstring.
 
     label_indptr [N + 1], label_indices (global ids) and valid [N] as for `distributed_loss`. With
     `update`, the sharded parameters' gradient rows go to update(lo, hi, rows) during the backward and
@@ -272,7 +266,7 @@ def chunked_loss(
         rows, cols, weight = label_targets(label_indptr, label_indices, label_range, valid, device)
     order = torch.argsort(cols, stable=True)
     rows, cols = rows[order], cols[order]
-    unit = chunk_unit(head)
+    unit = head.label_unit  # chunk boundaries never cut a group of labels that share state
     step, size = -(-chunk // unit) * unit, label_range.size
     starts = list(range(0, size, step))
     edges = torch.tensor(starts + [size], dtype=cols.dtype, device=device)

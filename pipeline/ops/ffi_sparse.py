@@ -29,46 +29,16 @@ GROUP_INDEX_STREAM = 4  # block_init stream of a seeded group-shared layer's ind
 
 
 class _FixedFanInFunction(torch.autograd.Function):
-    """Autograd over torch.ops.xmc: ffi_forward, then one ffi_backward for the gradients of x and values
-    that are needed (on CUDA with both: one fused pass over dy and the connections); the bias gradient
-    is a column sum."""
-
-    @staticmethod
-    def forward(ctx, x, values, indices, bias):
-        ctx.save_for_backward(x, values, indices)
-        ctx.has_bias = bias is not None
-        return torch.ops.xmc.ffi_forward(x, values, indices, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, values, indices = ctx.saved_tensors
-        need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_values = grad_bias = None
-        if need_x or need_values:
-            # A gradient not asked for comes back undefined (None).
-            grad_x, grad_values = torch.ops.xmc.ffi_backward(grad_y, x, values, indices, need_x, need_values)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_y.sum(0)
-        return grad_x, grad_values, None, grad_bias
-
-
-def ffi_sparse(
-    x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Differentiable FFI product of a batch `x [N, H]`: returns `[N, C]` (gradients for x, values, bias)."""
-    load_ops()
-    return _FixedFanInFunction.apply(x, values, indices, bias)
-
-
-class _GroupFanInFunction(torch.autograd.Function):
-    """Autograd over torch.ops.xmc.ffi_group_forward / ffi_group_backward (one backward call for the
-    gradients of x and values that are needed); the bias gradient is a column sum."""
+    """Autograd over torch.ops.xmc: one forward, then one backward call for the gradients of x and
+    values that are needed (on CUDA with both: one fused pass over dy and the connections); the bias
+    gradient is a column sum. G = 1: the plain layer's ops; G > 1: the group-shared ones."""
 
     @staticmethod
     def forward(ctx, x, values, indices, bias, group_size):
         ctx.save_for_backward(x, values, indices)
         ctx.has_bias, ctx.group_size = bias is not None, group_size
+        if group_size == 1:
+            return torch.ops.xmc.ffi_forward(x, values, indices, bias)
         return torch.ops.xmc.ffi_group_forward(x, values, indices, bias, group_size)
 
     @staticmethod
@@ -77,29 +47,35 @@ class _GroupFanInFunction(torch.autograd.Function):
         x, values, indices = ctx.saved_tensors
         need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_values = grad_bias = None
-        if need_x or need_values:
-            grad_x, grad_values = torch.ops.xmc.ffi_group_backward(
-                grad_y, x, values, indices, ctx.group_size, need_x, need_values
-            )
+        if need_x or need_values:  # a gradient not asked for comes back undefined (None)
+            if ctx.group_size == 1:
+                grad_x, grad_values = torch.ops.xmc.ffi_backward(
+                    grad_y, x, values, indices, need_x, need_values
+                )
+            else:
+                grad_x, grad_values = torch.ops.xmc.ffi_group_backward(
+                    grad_y, x, values, indices, ctx.group_size, need_x, need_values
+                )
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_y.sum(0)
         return grad_x, grad_values, None, grad_bias, None
 
 
-def ffi_group_sparse(
+def ffi_sparse(
     x: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
+    bias: torch.Tensor | None = None,
+    group_size: int = 1,
 ) -> torch.Tensor:
-    """Differentiable group-shared FFI product of a batch `x [N, H]`: returns `[N, C]`.
+    """Differentiable FFI product of a batch `x [N, H]`: returns `[N, C]` (gradients for x, values, bias).
 
-    values `[C, K]`, indices `[ceil(C / group_size), K]` int32 (row q serves labels q*G .. q*G + G - 1),
-    bias `[C]` or None; gradients for x, values and bias. Cost: 2*N*C*K flops forward and per gradient.
+    values `[C, K]`, bias `[C]` or None; indices `[ceil(C / group_size), K]` int32: one row per label
+    (group_size 1), or per group of G labels (row q serves labels q*G .. q*G + G - 1). Cost: 2*N*C*K
+    flops forward and per gradient.
     """
     load_ops()
-    return _GroupFanInFunction.apply(x, values, indices, bias, group_size)
+    return _FixedFanInFunction.apply(x, values, indices, bias, group_size)
 
 
 def _duplicates(candidates: torch.Tensor) -> torch.Tensor:
@@ -282,10 +258,7 @@ class FixedFanInSparse(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.in_features)
-        if self.group_size == 1:
-            y = ffi_sparse(flat, self.values, self.indices, self.bias)
-        else:
-            y = ffi_group_sparse(flat, self.values, self.indices, self.bias, self.group_size)
+        y = ffi_sparse(flat, self.values, self.indices, self.bias, self.group_size)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def state_row_labels(self) -> dict[str, int]:

@@ -25,6 +25,9 @@ from pipeline.parallel.label_range import LabelRange
 class Head(Protocol):
     label_range: LabelRange
     label_order: LabelOrder | None
+    label_unit: int
+    """Labels that share state and stay together: model-parallel shards and loss chunks cut only
+    between them (G for a group-shared FFI layer, else 1)."""
     """The order the head scores the labels in (its logits' columns are positions; the loss maps
     target ids to positions, predictions map positions back), or None: label id order."""
 

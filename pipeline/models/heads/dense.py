@@ -23,6 +23,7 @@ class DenseHead(nn.Module):
     """Logits [N, label_range.size] = embeddings [N, in_features] @ W_local^T + b_local."""
 
     label_order = None  # labels in id order
+    label_unit = 1  # no state shared between labels
 
     def __init__(self, in_features: int, label_range: LabelRange, bias: bool = True, seed: int = 0) -> None:
         super().__init__()

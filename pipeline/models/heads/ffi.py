@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.models.label_clusters import LabelOrder
-from pipeline.ops.ffi_sparse import FixedFanInSparse, ffi_group_sparse, ffi_sparse
+from pipeline.ops.ffi_sparse import FixedFanInSparse, ffi_sparse
 from pipeline.ops.rewiring import rewire
 from pipeline.parallel.label_range import LabelRange
 
@@ -81,6 +81,11 @@ class FFIHead(nn.Module):
         self.intermediate.bias.uniform_(-bound, bound, generator=generator)
 
     @property
+    def label_unit(self) -> int:
+        """The sparse layer's group size G."""
+        return self.sparse.group_size
+
+    @property
     def label_order(self) -> LabelOrder | None:
         """The clustered label order (None: groups of contiguous label ids)."""
         order = getattr(self, "order", None)
@@ -139,14 +144,12 @@ class FFIHead(nn.Module):
         """Logits [N, hi - lo] of local labels [lo, hi): the sparse layer on rows lo:hi of its values and
         bias. A group-shared layer (`group_size` G > 1: one row of indices per G labels) takes whole
         groups: lo a multiple of G, hi too unless it is the last label; its index rows are
-        [lo // G, ceil(hi / G)) and `ffi_group_sparse` scores them."""
+        [lo // G, ceil(hi / G))."""
         layer = self.sparse
-        g = getattr(layer, "group_size", 1)
+        g = layer.group_size
         if lo % g or (hi % g and hi != layer.out_features):
             raise ValueError(f"labels [{lo}, {hi}) cut a group of {g} labels of the sparse layer")
         values = layer.values[lo:hi].to(features.dtype)
         bias = None if layer.bias is None else layer.bias[lo:hi].to(features.dtype)
         indices = layer.indices[lo // g : -(-hi // g)]
-        if g == 1:
-            return ffi_sparse(features, values, indices, bias)
-        return ffi_group_sparse(features, values, indices, bias, g)
+        return ffi_sparse(features, values, indices, bias, g)

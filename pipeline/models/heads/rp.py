@@ -52,6 +52,7 @@ class RPHead(nn.Module):
     """
 
     label_order = None  # labels in id order
+    label_unit = 1  # no state shared between labels
 
     def __init__(
         self,
