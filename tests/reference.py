@@ -52,7 +52,8 @@ def reference_loss(
     return per[valid].sum() / valid.sum().clamp(min=1)
 
 
-def linear_softmax_reference(
+def linear_loss_reference(
+    kind: str,
     x: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
@@ -60,7 +61,8 @@ def linear_softmax_reference(
     indices: torch.Tensor,
     valid: torch.Tensor,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The softmax loss of the logits x W^T + b in float64 over all labels, and its gradients.
+    """The `kind` loss (see `reference_loss`) of the logits x W^T + b in float64 over all labels, and its
+    gradients.
 
     x [N, d], w [C, d], b [C] or None (any float dtype; computed in float64); labels as CSR (indptr
     [N + 1], indices) where ids outside [0, C) are ignored; valid [N] bool. Returns (loss, (dx, dW[, db]))
@@ -72,7 +74,7 @@ def linear_softmax_reference(
     rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1), torch.diff(indptr))
     per_row = torch.bincount(rows[known], minlength=x.shape[0])
     sub = torch.cat([torch.zeros(1, dtype=torch.long), per_row.cumsum(0)])
-    loss = reference_loss("softmax", z, sub, indices[known], valid)
+    loss = reference_loss(kind, z, sub, indices[known], valid)
     grads = torch.autograd.grad(loss, [x, w] + ([b] if b is not None else []))
     return loss.detach(), grads
 

@@ -38,7 +38,13 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ("ffi_binding.cpp", "ffi_cpu.cpp", "ffi_group_cpu.cpp", "linear_softmax.cpp")
+CPU_SOURCES = (
+    "ffi_binding.cpp",
+    "ffi_cpu.cpp",
+    "ffi_group_cpu.cpp",
+    "linear_softmax.cpp",
+    "linear_hinge.cpp",
+)
 CUDA_SOURCES = ("ffi_cuda.cu", "ffi_group_cuda.cu")  # the first is required for a CUDA build
 GROUP_CUDA = ("ffi_group_cuda.cu", "ffi_group_cuda.h")  # compiled in only where both exist
 HEADERS = (

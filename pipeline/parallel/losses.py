@@ -111,7 +111,7 @@ def softmax_normaliser(
     return (per_sample * weight).sum(), sum_exp
 
 
-class _SumOverGroup(torch.autograd.Function):
+class SumOverGroup(torch.autograd.Function):
     """Forward: all-reduce (sum) of the ranks' partial losses. Backward: identity."""
 
     @staticmethod
@@ -237,7 +237,7 @@ def distributed_loss(
         targets = softmax_targets(label_indptr, label_indices, label_range, valid, z.device)
         return _SoftmaxCrossEntropy.apply(z, *targets, group)
     rows, cols, weight = label_targets(label_indptr, label_indices, label_range, valid, z.device)
-    return _SumOverGroup.apply(_SparseTargetLoss.apply(z, rows, cols, weight, kind), group)
+    return SumOverGroup.apply(_SparseTargetLoss.apply(z, rows, cols, weight, kind), group)
 
 
 def label_targets(

@@ -4,9 +4,11 @@ With `chunk` > 0 every head and loss kind goes through `pipeline.ops.chunked_los
 once, then its last layer and the loss `chunk` labels at a time, forward and (recomputing) backward, so
 the [N, C_local] logits and their gradient never exist whole; optionally each chunk's parameter rows
 are handed to an `update` callback in the backward (the full head gradient never exists either).
-With `chunk` = 0 a softmax over a linear head (`LinearHead`: dense, rp) on CPU is fused with the head's
-product (`pipeline.ops.linear_softmax`: the [N, C_local] logits never stream through memory); every other
-case is `distributed_loss` over the head's logits. All give the same value and gradients.
+With `chunk` = 0 a softmax or squared hinge over a linear head (`LinearHead`: dense, rp) on CPU is fused
+with the head's product (`pipeline.ops.linear_softmax`, `pipeline.ops.linear_hinge`: the [N, C_local]
+logits never stream through memory, and the hinge's backward touches only the entries that violate the
+margin); every other case is `distributed_loss` over the head's logits. All give the same value and
+gradients.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import torch.distributed as dist
 from pipeline.models.group_batch import GroupBatch
 from pipeline.models.heads.base import Head, LinearHead
 from pipeline.ops.chunked_loss import RowUpdate, chunked_loss
+from pipeline.ops.linear_hinge import linear_hinge_loss
 from pipeline.ops.linear_softmax import linear_softmax_loss
 from pipeline.parallel.label_range import LabelRange
 from pipeline.parallel.losses import LossKind, distributed_loss
+
+FUSED = {"softmax": linear_softmax_loss, "squared_hinge": linear_hinge_loss}  # float32 linear heads, CPU
 
 
 def head_loss(
@@ -43,6 +48,6 @@ def head_loss(
     if update is not None:
         raise ValueError("a per-chunk update needs the chunked loss (chunk > 0)")
     fusable = isinstance(head, LinearHead) and head.weight.dtype == torch.float32
-    if kind == "softmax" and fusable and head.weight.device.type == "cpu":
-        return linear_softmax_loss(head.linear_input(batch.embeddings), head.weight, head.bias, *labels)
+    if fusable and head.weight.device.type == "cpu" and kind in FUSED:
+        return FUSED[kind](head.linear_input(batch.embeddings), head.weight, head.bias, *labels)
     return distributed_loss(kind, head(batch.embeddings), *labels)
