@@ -4,8 +4,10 @@ Step = the dense head over C labels and its loss for one batch of N embeddings (
 with the embeddings' gradient the backbone needs) and an optimizer step of the head. Variants, on the
 same head, weights and batch:
 - logits: the head's [N, C] logits, then `distributed_loss` (the unchunked path on every device);
-- fused (CPU, softmax, float32 weights): `head_loss(chunk=0)`, the C++ linear + softmax kernel
-  (`pipeline/ops/linear_softmax.py`; the logits are still written whole, once);
+- fused (CPU, softmax or squared hinge, float32 weights): `head_loss(chunk=0)`, the C++ linear + loss
+  kernels (`pipeline/ops/linear_softmax.py`: the logits are still written whole, once;
+  `pipeline/ops/linear_hinge.py`: never written, the backward over the violated entries only; set
+  `--bias` to -2 or -3 for the margins of a trained head, where ~1% of the entries violate them);
 - chunked/c: `head_loss(chunk=c)` (`pipeline/ops/chunked_loss.py`), then the optimizer step over the
   full gradients;
 - update/c: the same, each chunk's gradient rows applied in the backward (`update`): the head's full
@@ -58,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant, after 1 warm-up")
     parser.add_argument("--labels-per-sample", type=int, default=5)
+    parser.add_argument(
+        "--bias", type=float, default=None, help="start every label's bias here (default: uniform init)"
+    )
     parser.add_argument("--variants", nargs="+", default=None, help="a subset: logits fused chunked update")
     parser.add_argument("--skip-memory", action="store_true", help="time only")
     parser.add_argument("--quick", action="store_true", help="C 20,000, d 64, N 64, 2 repeats: a smoke run")
@@ -99,6 +104,8 @@ class HeadStep:
         for p in head.parameters():
             p.data.uniform_(-bound, bound, generator=gen)
             p.data = p.data.to(getattr(torch, args.dtype))
+        if args.bias is not None:
+            head.bias.data.fill_(args.bias)
         self.head = head
         params = list(head.parameters())
         self.optimizer = (
@@ -189,7 +196,8 @@ def median_times(bench: HeadStep, variants: list[str], repeats: int) -> dict[str
 
 def variant_names(args: argparse.Namespace) -> list[str]:
     wanted = args.variants or ["logits", "fused", "chunked", "update"]
-    fused_applies = args.device == "cpu" and args.loss == "softmax" and args.dtype == "float32"
+    fused = args.loss in ("softmax", "squared_hinge")
+    fused_applies = args.device == "cpu" and fused and args.dtype == "float32"
     names = [v for v in ("logits", "fused") if v in wanted and (v != "fused" or fused_applies)]
     for chunk in args.chunk:
         names += [f"{v}/{chunk}" for v in ("chunked", "update") if v in wanted]

@@ -326,15 +326,22 @@ class Trainer:
             return group_batch(self.engine, batch, g, self.config.data.batch_size, grad_scale=g.mp)
 
     def group_loss(self, group: GroupBatch, micro: int) -> torch.Tensor:
-        """The head's loss over the group's gathered batch (`head_loss`: a softmax over a linear head
-        is fused). Dropout inside the head draws from a seed shared by the model-parallel group, so its
-        replicated layers see the same masks everywhere."""
+        """The head's loss over the group's gathered batch (`head_loss`: a softmax or squared hinge over
+        a linear head is fused on CPU). Dropout inside the head draws from a seed shared by the
+        model-parallel group, so its replicated layers see the same masks everywhere."""
         g = self.grid
         m = self.config.model
         update = self.update_rows if m.head_update == "chunk" else None
         with self.seeded(micro, g.dp_rank):
             return head_loss(
-                self.head, group, m.loss, self.label_range, g.mp_group, chunk=m.loss_chunk, update=update
+                self.head,
+                group,
+                m.loss,
+                self.label_range,
+                g.mp_group,
+                chunk=m.loss_chunk,
+                update=update,
+                fused=m.fused_loss,
             )
 
     def update_rows(self, lo: int, hi: int, grads: list[torch.Tensor]) -> None:

@@ -35,19 +35,21 @@ def head_loss(
     group: dist.ProcessGroup | None,
     chunk: int = 0,
     update: RowUpdate | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Mean loss per valid sample of the model-parallel group's gathered `batch` (embeddings [N, d],
     labels as CSR of global ids, valid [N]), the same scalar on every rank of `group`; `label_range`
     is the head's. See `distributed_loss` for the loss kinds. `chunk` > 0: labels per chunk of the
     chunked loss, whose backward passes each chunk's gradient rows of the sharded parameters to
-    `update(lo, hi, rows)` when it is given (see `chunked_loss`)."""
+    `update(lo, hi, rows)` when it is given (see `chunked_loss`). `fused` = False keeps a linear head
+    on CPU off the fused kernels (the logits path: for comparisons)."""
     ids = batch.label_indices if head.label_order is None else head.label_order.positions(batch.label_indices)
     labels = (batch.label_indptr, ids, label_range, batch.valid, group)
     if chunk > 0:
         return chunked_loss(kind, head, head.loss_features(batch.embeddings), *labels, chunk, update)
     if update is not None:
         raise ValueError("a per-chunk update needs the chunked loss (chunk > 0)")
-    fusable = isinstance(head, LinearHead) and head.weight.dtype == torch.float32
+    fusable = fused and isinstance(head, LinearHead) and head.weight.dtype == torch.float32
     if fusable and head.weight.device.type == "cpu" and kind in FUSED:
         return FUSED[kind](head.linear_input(batch.embeddings), head.weight, head.bias, *labels)
     return distributed_loss(kind, head(batch.embeddings), *labels)
