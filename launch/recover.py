@@ -25,6 +25,7 @@ import torch
 
 from pipeline.config import save_config
 from pipeline.data import make_loader
+from pipeline.models.build import loss_kind
 from pipeline.models.group_batch import group_batches
 from pipeline.models.recovery import back_projection, calibrate_recovery, recover_dense_head
 from pipeline.parallel.distributed import collective_device, init_distributed
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return group_batches(backbone, batches, grid, batch_size)
 
-    lam, loss = config.model.rp.recovery_lambda, config.model.loss
+    lam, loss = config.model.rp.recovery_lambda, loss_kind(config.model)
     dense = recover_dense_head(slim, train_groups(), lam, grid.mp_group, grid.dp_group, loss)
     scale, mix = calibrate_recovery(dense.weight, slim, loss, label_range, grid.mp_group, train_groups())
     with torch.no_grad():

@@ -42,7 +42,7 @@ def write(tmp_path: Path, obj: object, name: str = "run.json") -> Path:
             [],
             "model.ffi: fan_in=32 must not exceed hidden=16",
         ),
-        ({}, ["model.loss=hinge"], "model.loss: expected one of 'softmax', 'bce' or 'squared_hinge'"),
+        ({}, ["model.loss=hinge"], "model.loss: expected one of 'auto', 'softmax', 'bce' or 'squared_hinge'"),
         ({}, ["train.stepz=3"], "train.stepz: unknown key"),
         ({}, ["train.lr=-1"], "train.lr: Input should be greater than 0"),
         ({}, ["nonsense"], "--set 'nonsense': expected KEY.PATH=VALUE"),

@@ -14,6 +14,7 @@ from pipeline.models.heads.ffi import FFIHead
 from pipeline.models.heads.rp import RPHead
 from pipeline.models.text_encoder import TransformerBackbone
 from pipeline.parallel.label_range import LabelRange, split_labels
+from pipeline.parallel.losses import LossKind
 
 BACKBONE_DATA = {"bow": "bow", "dense": "dense", "transformer": "text"}
 """`model.backbone` -> the feature kind of the shards it reads (`Manifest.feature_kind`)."""
@@ -44,6 +45,11 @@ def build_tokenizer(model: ModelConfig) -> TextTokenizer | None:
 
 HEADS: dict[str, type] = {"dense": DenseHead, "ffi": FFIHead, "rp": RPHead}
 """`model.head` -> the class; each builds itself with `from_config(model, label_range, seed)`."""
+
+
+def loss_kind(model: ModelConfig) -> LossKind:
+    """The training loss: `model.loss`, or the head's `preferred_loss` when it is "auto"."""
+    return HEADS[model.head].preferred_loss if model.loss == "auto" else model.loss
 
 
 def head_label_range(model: ModelConfig, num_labels: int, mp_size: int, mp_rank: int) -> LabelRange:

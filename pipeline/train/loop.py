@@ -41,6 +41,7 @@ from pipeline.models.build import (
     build_head,
     build_tokenizer,
     head_label_range,
+    loss_kind,
     needs_label_clusters,
 )
 from pipeline.models.group_batch import GroupBatch, group_batch
@@ -198,10 +199,11 @@ class Trainer:
         sparse = config.model.sparse_bag and config.model.backbone == "bow"
         self.bag: SparseBag | None = SparseBag.take_from(backbone) if sparse else None
         self.head = build_head(config.model, self.label_range, seed=config.train.seed)
+        self.loss = loss_kind(config.model)
         if resume is None and needs_label_clusters(config.model):
             self.head.set_label_order(self.cluster_labels())
         if config.model.prior_bias:
-            set_prior_bias(self.head, m.label_frequencies, m.num_samples, config.model.loss)
+            set_prior_bias(self.head, m.label_frequencies, m.num_samples, self.loss)
         other_world = resume is not None and ckpt.read_meta(resume)["world_size"] != grid.world_size
         ds_config = deepspeed_config(config, grid.world_size, load_universal=other_world)
         self.samples_per_step = ds_config["train_batch_size"]  # batch x accumulation x world
@@ -336,7 +338,7 @@ class Trainer:
             return head_loss(
                 self.head,
                 group,
-                m.loss,
+                self.loss,
                 self.label_range,
                 g.mp_group,
                 chunk=m.loss_chunk,

@@ -26,6 +26,8 @@ class Head(Protocol):
     label_range: LabelRange
     label_order: LabelOrder | None
     label_unit: int
+    preferred_loss: str
+    """The loss kind `model.loss = "auto"` trains this head with (the best measured on real data)."""
     """Labels that share state and stay together: model-parallel shards and loss chunks cut only
     between them (G for a group-shared FFI layer, else 1)."""
     """The order the head scores the labels in (its logits' columns are positions; the loss maps

@@ -53,6 +53,7 @@ class RPHead(nn.Module):
 
     label_order = None  # labels in id order
     label_unit = 1  # no state shared between labels
+    preferred_loss = "squared_hinge"  # a linear classifier like the dense head's (README)
 
     def __init__(
         self,
