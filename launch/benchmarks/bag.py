@@ -1,11 +1,14 @@
-"""Sparse bag-of-words table against the dense one: training steps per second of the BoW recipe.
+"""Training steps per second of the BoW recipe: the sparse bag-of-words table against the dense one,
+or any two settings (`--before KEY=VALUE ...`: the recipe with those overrides against the recipe).
 
 What is timed: `Trainer.train_step` itself (forward, DeepSpeed backward and step, the head's exchange
 and Adam, and with `model.sparse_bag` the row exchange and lazy Adam of the table) on 2 real ranks
 (gloo, 1 thread each, Horovod up as under the deepspeed launcher), built from `configs/xmc_bow.json`
 (1024-wide bag, 512-d embeddings, dense head split over the 2 ranks, bce, dropout 0.2, batch 256 per
 rank, ZeRO-1, no clipping) with `model.sparse_bag` true and false: two trainers in each rank's process,
-fed the same pre-loaded batches (no data loading in the timed part). Steps of the two variants are
+fed the same pre-loaded batches (no data loading in the timed part). With `--before`, the variants are
+`before` (the overrides) and `after` (the recipe as it is), e.g. `--before model.fused_loss=false`
+for the fused squared hinge; `--set` changes both. Steps of the two variants are
 interleaved (rounds of --steps-per-round each, the order alternating), so load from other processes
 hits both alike; a step's time is the slowest rank's. Figures after --warmup steps of each: medians
 per variant, and the median over rounds of the paired ratio (dense time / sparse time of the same
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("dense", "sparse")
+TABLES = {"dense": ["model.sparse_bag=false"], "sparse": ["model.sparse_bag=true"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds")
     parser.add_argument("--steps-per-round", type=int, default=1, help="timed steps per variant and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument(
+        "--before",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="time the recipe against these",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for both variants")
 
 
 def worker(spec: dict) -> None:
@@ -64,7 +75,8 @@ def worker(spec: dict) -> None:
     grid = build_grid(base.parallel.model_parallel)
     init_horovod(launch.launcher, grid.layout)
     trainers = {}
-    for name in VARIANTS:
+    variants = spec["variants"]
+    for name, changes in variants.items():
         overrides = [
             f"data.train={spec['data']}/train",
             f"data.test={spec['data']}/test",
@@ -72,15 +84,17 @@ def worker(spec: dict) -> None:
             f"train.output_dir={spec['out']}/{name}",
             "train.epochs=0",
             "train.steps=1000",
-            f"model.sparse_bag={'true' if name == 'sparse' else 'false'}",
+            *spec["set"],
+            *changes,
         ]
         trainers[name] = Trainer(load_config(spec["config"], overrides), grid)
     needed = spec["warmup"] + spec["rounds"] * spec["steps_per_round"]
-    source = trainers["dense"].train_batches()
+    first, second = variants
+    source = trainers[first].train_batches()
     batches = list(itertools.islice(source, needed))
     source.close()
     unique = [torch.unique(b.feature_indices).numel() for b in batches]
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
 
     def timed(name: str, batch) -> float:
         dist.barrier()
@@ -90,20 +104,25 @@ def worker(spec: dict) -> None:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return elapsed.item()
 
-    for name in VARIANTS:
+    for name in variants:
         for batch in batches[: spec["warmup"]]:
             timed(name, batch)
     timed_batches = iter(batches[spec["warmup"] :])
     for r in range(spec["rounds"]):
         chunk = list(itertools.islice(timed_batches, spec["steps_per_round"]))
-        for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+        for name in (first, second) if r % 2 == 0 else (second, first):
             times[name] += [timed(name, batch) for batch in chunk]
     if grid.rank == 0:
-        samples = trainers["dense"].samples_per_step
+        samples = trainers[first].samples_per_step
         print(json.dumps({"times": times, "samples_per_step": samples, "unique_ids": unique}), flush=True)
     for trainer in trainers.values():
         trainer.logbook.close()
     shutdown_horovod()
+
+
+def variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Name -> config overrides of the two timed variants, the slower-expected first."""
+    return TABLES if args.before is None else {"before": args.before, "after": []}
 
 
 def time_variants(args: argparse.Namespace, data: Path, out: Path) -> dict:
@@ -117,6 +136,8 @@ def time_variants(args: argparse.Namespace, data: Path, out: Path) -> dict:
         "rounds": args.rounds,
         "steps_per_round": args.steps_per_round,
         "warmup": args.warmup,
+        "variants": variants(args),
+        "set": args.set,
     }
     procs = []
     for rank in range(2):
@@ -155,24 +176,30 @@ def run(args: argparse.Namespace) -> dict:
             )
         result = time_variants(args, data, Path(tmp) / "runs")
     samples = result["samples_per_step"]
+    names = list(variants(args))
     medians = {name: statistics.median(t) for name, t in result["times"].items()}
     rate = {name: samples / m for name, m in medians.items()}
-    ratio = rate["sparse"] / rate["dense"]
-    paired = statistics.median(d / s for d, s in zip(*(result["times"][n] for n in VARIANTS), strict=True))
+    ratio = rate[names[1]] / rate[names[0]]
+    paired = statistics.median(a / b for a, b in zip(*(result["times"][n] for n in names), strict=True))
     unique = statistics.mean(result["unique_ids"])
-    print(f"BoW recipe ({args.config}), 2 ranks x 1 thread, {samples} samples per step, data: {data}")
-    print(f"  distinct feature ids per rank batch: {unique:.0f} (mean)")
-    for name in VARIANTS:
+    print(f"BoW recipe ({args.config} {' '.join(args.set)}), 2 ranks x 1 thread, {samples} samples per step")
+    print(f"  data: {data}; distinct feature ids per rank batch: {unique:.0f} (mean)")
+    for name in names:
         n = len(result["times"][name])
         ms = medians[name] * 1e3
-        print(f"  {name:>6} table: median {ms:.0f} ms/step over {n} steps, {rate[name]:.0f} samples/s")
-    print(f"  sparse / dense: {ratio:.2f}x samples/s (ratio of medians), {paired:.2f}x (median paired ratio)")
+        what = " ".join(variants(args)[name]) or "the recipe"
+        print(f"  {name:>6} ({what}): median {ms:.0f} ms/step over {n} steps, {rate[name]:.0f} samples/s")
+    print(
+        f"  {names[1]} / {names[0]}: {ratio:.2f}x samples/s (ratio of medians), "
+        f"{paired:.2f}x (median paired ratio)"
+    )
     return {
+        "variants": variants(args),
         "samples_per_step": samples,
         "step_median_s": medians,
         "samples_per_s": rate,
-        "sparse_over_dense": ratio,
-        "sparse_over_dense_paired": paired,
+        "speedup": ratio,
+        "speedup_paired": paired,
         "unique_ids_per_rank_batch": unique,
         "step_times_s": result["times"],
     }
