@@ -90,6 +90,23 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
 
 
+@pytest.mark.parametrize(
+    "head, loss, want",
+    [
+        ("dense", "auto", "squared_hinge"),
+        ("rp", "auto", "squared_hinge"),
+        ("ffi", "auto", "bce"),
+        ("ffi", "squared_hinge", "squared_hinge"),
+        ("dense", "softmax", "softmax"),
+    ],
+)
+def test_auto_loss_is_the_heads_preferred_one(tmp_path, head, loss, want):
+    from pipeline.models.build import loss_kind
+
+    cfg = load_config(write(tmp_path, {}), [f"model.head={head}", f"model.loss={loss}"])
+    assert loss_kind(cfg.model) == want
+
+
 def test_shipped_configs_are_valid():
     configs = sorted((ROOT / "configs").glob("*.json"))
     assert configs, "no run configs shipped"
