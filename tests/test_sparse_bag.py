@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.models.backbones import BowBackbone
-from pipeline.models.sparse_bag import SparseBag, lazy_adam_
+from pipeline.models.sparse_bag import SparseBag, lazy_adam_, lazy_adam_gathered_
 from pipeline.parallel.sparse_rows import average_rows
 from tests.multiproc import run_ranks
 
@@ -139,9 +139,18 @@ def test_table_forward_and_gradient_rows_equal_the_embedding_bag():
 # ----- lazy Adam ----------------------------------------------------------------------------------
 
 
-def test_lazy_adam_equals_one_torch_adam_per_row():
+LAZY_ADAMS = {
+    "in_place": lazy_adam_,
+    "gathered": lazy_adam_gathered_,
+}  # the CPU kernel, the other devices' path
+
+
+@pytest.mark.parametrize("variant", LAZY_ADAMS)
+def test_lazy_adam_equals_one_torch_adam_per_row(variant):
     """k steps on random row subsets (some rows never touched) at a changing learning rate: every row
-    equals its own torch Adam stepped when touched; untouched rows and their state are bit-unchanged."""
+    equals its own torch Adam stepped when touched; untouched rows and their state are bit-unchanged.
+    Both implementations: the in-place C++ pass (CPU, float32) and the gathered fused-Adam call."""
+    lazy = LAZY_ADAMS[variant]
     g = torch.Generator().manual_seed(2)
     num_rows, steps = 12, 7
     initial = torch.randn(num_rows, WIDTH, generator=g)
@@ -155,7 +164,7 @@ def test_lazy_adam_equals_one_torch_adam_per_row():
         candidates = torch.tensor([i for i in range(num_rows) if i not in never])
         ids = candidates[torch.randperm(candidates.numel(), generator=g)[:5]].sort().values
         grads = torch.randn(ids.numel(), WIDTH, generator=g) * 10.0 ** -float(k % 3)
-        lazy_adam_(weight, m, v, row_steps, ids, grads, lr)
+        lazy(weight, m, v, row_steps, ids, grads, lr)
         for i, row in zip(ids.tolist(), grads, strict=True):
             params[i].grad = row.clone()
             optimizers[i].param_groups[0]["lr"] = lr
@@ -172,7 +181,8 @@ def test_lazy_adam_equals_one_torch_adam_per_row():
         assert torch.equal(weight[i], initial[i]) and not m[i].any() and not v[i].any()
 
 
-def test_lazy_adam_touching_every_row_equals_the_dense_fused_adam():
+@pytest.mark.parametrize("variant", LAZY_ADAMS)
+def test_lazy_adam_touching_every_row_equals_the_dense_fused_adam(variant):
     """When every row is touched at every step, lazy Adam is the dense path's optimizer."""
     g = torch.Generator().manual_seed(3)
     initial = torch.randn(9, WIDTH, generator=g)
@@ -182,7 +192,7 @@ def test_lazy_adam_touching_every_row_equals_the_dense_fused_adam():
     optimizer = torch.optim.Adam([dense], lr=3e-3, fused=True)
     for _ in range(5):
         grads = torch.randn(9, WIDTH, generator=g)
-        lazy_adam_(weight, m, v, row_steps, torch.arange(9), grads, 3e-3)
+        LAZY_ADAMS[variant](weight, m, v, row_steps, torch.arange(9), grads, 3e-3)
         dense.grad = grads.clone()
         optimizer.step()
     torch.testing.assert_close(weight, dense.detach(), rtol=1e-6, atol=1e-7)

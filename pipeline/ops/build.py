@@ -44,6 +44,7 @@ CPU_SOURCES = (
     "ffi_group_cpu.cpp",
     "linear_softmax.cpp",
     "linear_hinge.cpp",
+    "lazy_adam.cpp",
 )
 CUDA_SOURCES = ("ffi_cuda.cu", "ffi_group_cuda.cu")  # the first is required for a CUDA build
 GROUP_CUDA = ("ffi_group_cuda.cu", "ffi_group_cuda.h")  # compiled in only where both exist
