@@ -126,9 +126,15 @@ def moved(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> list[
 
 
 def assert_learns(run: Path) -> None:
+    """Finite losses at every step, and a ranking past popularity's on P@1 and P@5 (the head starts at
+    the label priors, i.e. at popularity). Not a loss trend: over 12 steps of 32 package texts the
+    per-step losses swing with the batch's label counts (17 to 69 on one machine's APT index), more
+    than the model moves them, and the index differs between machines."""
     losses = [r["loss"] for r in records(run, "train")]
-    assert len(losses) == STEPS and all(map(lambda x: x == x, losses))
-    assert sum(losses[-4:]) / 4 < 0.97 * sum(losses[:4]) / 4, losses
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
+    result = final(run)
+    for k in ("P@1", "P@5"):
+        assert result["final"][k] > result["popularity_baseline"][k], (k, result)
 
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
@@ -185,9 +191,6 @@ def test_mpirun_zero3_fine_tunes_pretrained_minilm(minilm_run):
     end = backbone_weights(minilm_run, STEPS)
     assert all(end[k].shape == v.shape for k, v in start.items() if k in end)  # full, not partitions
     assert len(moved(start, end)) > 0.9 * len([k for k in start if k in end])
-    result = final(minilm_run)
-    # the head starts at the label priors (popularity's P@1); 12 steps lift the lower ranks first
-    assert result["final"]["P@5"] > result["popularity_baseline"]["P@5"], result
 
 
 def test_killed_text_run_resumes_exactly(tmp_path, text_data, minilm_run):
