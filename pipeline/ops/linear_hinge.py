@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipeline.ops.build import load_ops
+from pipeline.ops.linear_softmax import check_fused_inputs
 from pipeline.parallel.label_range import LabelRange
 from pipeline.parallel.losses import SumOverGroup, label_targets
 
@@ -56,12 +56,7 @@ def linear_hinge_loss(
 ) -> torch.Tensor:
     """`distributed_loss("squared_hinge", x @ weight.T + bias, ...)` without the logits: x [N, k]
     float32, weight [label_range.size, k] float32, bias [label_range.size] or None, on CPU."""
-    if weight.shape[0] != label_range.size or x.shape[0] != valid.numel():
-        raise ValueError(
-            f"weight {tuple(weight.shape)} and x {tuple(x.shape)} do not fit {label_range.size} local "
-            f"labels and {valid.numel()} samples"
-        )
-    load_ops()
+    check_fused_inputs(x, weight, label_range, valid)
     rows, cols, sample_weight = label_targets(label_indptr, label_indices, label_range, valid, x.device)
     partial = _LinearSquaredHinge.apply(x.to(weight.dtype), weight, bias, rows, cols, sample_weight, chunk)
     return SumOverGroup.apply(partial, group)

@@ -66,6 +66,19 @@ class _LinearSoftmaxCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias if ctx.with_bias else None, *([None] * 6)
 
 
+def check_fused_inputs(
+    x: torch.Tensor, weight: torch.Tensor, label_range: LabelRange, valid: torch.Tensor
+) -> None:
+    """What every fused linear + loss op checks first (x [N, k], weight [label_range.size, k], valid
+    [N]), then loads the C++ ops."""
+    if weight.shape[0] != label_range.size or x.shape[0] != valid.numel():
+        raise ValueError(
+            f"weight {tuple(weight.shape)} and x {tuple(x.shape)} do not fit {label_range.size} local "
+            f"labels and {valid.numel()} samples"
+        )
+    load_ops()
+
+
 def linear_softmax_loss(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,11 +92,6 @@ def linear_softmax_loss(
 ) -> torch.Tensor:
     """`distributed_loss("softmax", x @ weight.T + bias, ...)` without the logits: x [N, k] float32,
     weight [label_range.size, k], bias [label_range.size] or None, on CPU."""
-    if weight.shape[0] != label_range.size or x.shape[0] != valid.numel():
-        raise ValueError(
-            f"weight {tuple(weight.shape)} and x {tuple(x.shape)} do not fit {label_range.size} local "
-            f"labels and {valid.numel()} samples"
-        )
-    load_ops()
+    check_fused_inputs(x, weight, label_range, valid)
     targets = softmax_targets(label_indptr, label_indices, label_range, valid, x.device)
     return _LinearSoftmaxCrossEntropy.apply(x.to(weight.dtype), weight, bias, *targets, group, chunk)
