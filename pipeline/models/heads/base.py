@@ -26,12 +26,13 @@ class Head(Protocol):
     label_range: LabelRange
     label_order: LabelOrder | None
     label_unit: int
-    preferred_loss: str
-    """The loss kind `model.loss = "auto"` trains this head with (the best measured on real data)."""
     """Labels that share state and stay together: model-parallel shards and loss chunks cut only
     between them (G for a group-shared FFI layer, else 1)."""
     """The order the head scores the labels in (its logits' columns are positions; the loss maps
     target ids to positions, predictions map positions back), or None: label id order."""
+
+    preferred_loss: str
+    """The loss kind `model.loss = "auto"` trains this head with (the best measured on real data)."""
 
     def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [N, label_range.size] from embeddings [N, d]."""
