@@ -126,6 +126,13 @@ def variants(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def time_variants(args: argparse.Namespace, data: Path, out: Path) -> dict:
+    from pipeline.config import ConfigError, load_config
+
+    for name, changes in variants(args).items():  # a bad key stops here, named, before any rank starts
+        try:
+            load_config(args.config, [*args.set, *changes])
+        except ConfigError as e:
+            raise SystemExit(f"bench bag: variant {name}: {e}") from None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
