@@ -112,6 +112,9 @@ class PeerWatch:
                 store = None
                 if self._stop.is_set():
                     return
+                # rank 0 may have ended on peers whose beats had stopped while it still answered
+                if self._report_stale(moved, now, before=reached - self.timeout_s / 2):
+                    return
                 if now - reached > self.timeout_s:
                     self.on_lost(
                         f"[rank {self.rank}] lost the rendezvous store on {describe(self.peers[:1])} for "
@@ -123,10 +126,23 @@ class PeerWatch:
             for i, value in enumerate(values):
                 if value != seen[i]:
                     seen[i], moved[i] = value, now
-            stale = [p for p, t in zip(self.peers, moved, strict=True) if now - t > self.timeout_s]
-            if stale and not self._stop.is_set():
-                self.on_lost(
-                    f"[rank {self.rank}] lost {describe(stale)}: no heartbeat for {self.timeout_s:.0f} s "
-                    "(the host is down or its link is cut); exiting"
-                )
+            if self._report_stale(moved, now):
                 return
+
+    def _report_stale(self, moved: Sequence[float], now: float, before: float = float("inf")) -> bool:
+        """Report the peers whose counters last moved over `timeout_s` ago (and before `before`);
+        False when none.
+
+        Also checked when the store does not answer: the rank that first sees a host lost ends, and
+        when that is rank 0 the store goes with it, so the others must not wait a further `timeout_s`
+        for the store before naming the host they already know to be lost. Only peers that had gone
+        quiet while the store still answered count then: when this host is the one cut off, every
+        counter stopped with the store, and the store is what is reported."""
+        stale = [p for p, t in zip(self.peers, moved, strict=True) if now - t > self.timeout_s and t < before]
+        if not stale or self._stop.is_set():
+            return False
+        self.on_lost(
+            f"[rank {self.rank}] lost {describe(stale)}: no heartbeat for {self.timeout_s:.0f} s "
+            "(the host is down or its link is cut); exiting"
+        )
+        return True
