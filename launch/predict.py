@@ -6,6 +6,7 @@
     python launch/predict.py --checkpoint model/ --out pred.jsonl   # a bundle of launch/export.py
     deepspeed --num_gpus 2 launch/predict.py --checkpoint runs/demo ...   # labels split over 2 ranks
     mpirun -np 2 python launch/predict.py --checkpoint runs/demo ...
+    python launch/predict.py --checkpoint runs/seed0 --checkpoint runs/seed1 ...  # an ensemble
 
 `--checkpoint` is a run's output folder (its newest complete checkpoint is used), one checkpoint
 folder, or an inference bundle of `launch/export.py`. The backbone comes from the full weights, the
@@ -18,6 +19,13 @@ line per sample `{"id": sample id, "labels": [...], "scores": [...]}` (plus `"na
 vocabulary); `.npy`, top-k label ids [N, k] in sample-id order (scores beside it in
 `*_scores.npy`). When the inputs carry labels, the metrics are printed and written to
 `<out>.metrics.json`.
+
+A run with `model.neighbours.k > 0` adds the votes of the nearest training samples to its head's
+logits (`pipeline/models/neighbours.py`): from a run folder they are built in one pass over its
+training shards, a bundle carries them; `--neighbours K` changes k, 0 scores with the head alone.
+Several `--checkpoint`s are an ensemble: independently trained models (e.g. other `train.seed`s) over
+the same labels and features, each with its own votes, ranked by the sum of their scores; the
+inputs are read as the first one reads them.
 """
 
 from __future__ import annotations
@@ -25,17 +33,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
 
 from pipeline.data import make_loader, read_label_names, read_text_rows, text_batches
+from pipeline.models.neighbours import NeighbourVotes, neighbour_votes
 from pipeline.parallel.distributed import collective_device, init_distributed
-from pipeline.parallel.grid import build_grid
+from pipeline.parallel.grid import ProcessGrid, build_grid
 from pipeline.train import bundle
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.evaluate import predict
+from pipeline.train.checkpoint import InferenceModel
+from pipeline.train.evaluate import Member, predict, shared_label_order
 from pipeline.train.metrics import XMCMetrics
 
 
@@ -44,7 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="run output folder, checkpoint folder or inference bundle"
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="run output folder, checkpoint folder or inference bundle; repeated: an ensemble, whose "
+        "members (trained on the same labels and features) score the sum of their scores",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", default=None, help="shards to predict (default: the run's test set)")
@@ -53,30 +68,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="predictions file, .jsonl or .npy (default: print)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    parser.add_argument(
+        "--neighbours",
+        type=int,
+        default=None,
+        metavar="K",
+        help="votes of the K nearest training samples (default: the run's model.neighbours.k; 0: the head "
+        "alone); a run folder builds them from its training shards, a bundle reads its own",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from_bundle = bundle.is_bundle(args.checkpoint)
     try:
-        if from_bundle:
-            checkpoint = Path(args.checkpoint)
-            bundle.read_bundle(checkpoint)
-        else:
-            checkpoint, _ = ckpt.resolve_checkpoint(args.checkpoint)
+        checkpoints = [resolve(path) for path in args.checkpoint]
     except (ckpt.CheckpointError, bundle.BundleError) as e:
         raise SystemExit(f"predict: {e}") from None
     init_distributed()
     grid = build_grid(dist.get_world_size())  # every rank scores its own label range
-    load = bundle.load_bundle if from_bundle else ckpt.load_for_inference
-    model = load(checkpoint, grid, collective_device())
-    config, train_manifest, meta = model.config, model.manifest, model.meta
-    backbone, head, label_range = model.backbone, model.head, model.label_range
+    device = collective_device()
+    models = [
+        (bundle.load_bundle if bundle.is_bundle(c) else ckpt.load_for_inference)(c, grid, device)
+        for c in checkpoints
+    ]
+    model = models[0]  # its config, training set and tokenizer read the inputs
+    check_members(models)
+    config, train_manifest, meta, label_range = model.config, model.manifest, model.meta, model.label_range
+    checkpoint = model.checkpoint
 
     batch_size = args.batch_size or config.data.batch_size
     names = read_label_names(train_manifest)  # the training set's, or the copy in a bundle
+    members = [Member(m.backbone, m.head, votes_for(args, m, grid, batch_size)) for m in models]
     texts: list[str] | None = None
     if args.text is not None or args.input is not None:
         if model.tokenizer is None:
@@ -100,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = XMCMetrics(meta["num_labels"], train_manifest.label_frequencies, train_manifest.num_samples)
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     labelled = False
-    for batch, scores, ids in predict(backbone, head, batches, grid, label_range, batch_size, args.k):
+    for batch, scores, ids in predict(members, batches, grid, label_range, batch_size, args.k):
         keep = batch.valid
         rows.append((batch.sample_ids[keep].numpy(), ids[keep].numpy(), scores[keep].numpy()))
         metrics.update(ids, batch.label_indptr, batch.label_indices, batch.valid)
@@ -121,6 +145,63 @@ def main(argv: list[str] | None = None) -> int:
             print("  ".join(f"{k} {100 * v:.2f}" for k, v in found.items()), flush=True)
     dist.barrier()
     return 0
+
+
+def resolve(path: str) -> Path:
+    """The checkpoint folder of a run or checkpoint folder, or a bundle folder (format checked)."""
+    if bundle.is_bundle(path):
+        bundle.read_bundle(path)
+        return Path(path)
+    return ckpt.resolve_checkpoint(path)[0]
+
+
+def check_members(models: list[InferenceModel]) -> None:
+    """An ensemble's members score the same labels from the same inputs."""
+    first = models[0].manifest
+    for other in models[1:]:
+        m = other.manifest
+        if (m.num_labels, m.num_features, m.feature_kind) != (
+            first.num_labels,
+            first.num_features,
+            first.feature_kind,
+        ):
+            raise SystemExit(
+                f"predict: ensemble members differ: {models[0].checkpoint} has {first.num_labels} labels and "
+                f"{first.num_features} {first.feature_kind} features, {other.checkpoint} {m.num_labels} and "
+                f"{m.num_features} {m.feature_kind}"
+            )
+    try:
+        shared_label_order([Member(m.backbone, m.head) for m in models])
+    except ValueError as e:
+        raise SystemExit(f"predict: {e}") from None
+
+
+def votes_for(
+    args: argparse.Namespace, model: InferenceModel, grid: ProcessGrid, batch_size: int
+) -> NeighbourVotes | None:
+    """The neighbour votes to add: the bundle's, or built from the run's training shards; None for the
+    head alone."""
+    settings = model.config.model.neighbours
+    if args.neighbours is not None:
+        settings = settings.model_copy(update={"k": args.neighbours})
+    if settings.k == 0:
+        return None
+    if model.neighbours is not None:
+        return replace(model.neighbours, k=settings.k)
+    if bundle.is_bundle(model.checkpoint):
+        raise SystemExit(
+            f"predict: {model.checkpoint} holds no neighbour index (exported with model.neighbours.k = 0)"
+        )
+    train = model.config.data.train
+    try:
+        batches = make_loader(
+            train, batch_size, grid.rank, grid.world_size, shuffle=False, tokenizer=model.tokenizer
+        )
+        return neighbour_votes(settings, model.backbone, batches, grid, batch_size)
+    except (OSError, ValueError) as e:  # DataError: a moved or damaged training set
+        raise SystemExit(
+            f"predict: the neighbour votes need the run's training shards {train}: {e}"
+        ) from None
 
 
 Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per batch: sample ids [n], top-k ids, scores [n, k]

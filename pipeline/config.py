@@ -132,6 +132,23 @@ class EncoderConfig(Section):
         return self
 
 
+class NeighboursConfig(Section):
+    k: int = Field(
+        0,
+        ge=0,
+        description="training samples whose labels vote at prediction (pipeline/models/neighbours.py): each "
+        "label scores logit + weight x the similarity-weighted share of the sample's k nearest training "
+        "samples (cosine of the backbone's embeddings) that carry it; 0: the head alone. Used by the "
+        "trainer's final evaluation, predict.py and exported bundles (periodic evaluations: head alone)",
+    )
+    weight: float = Field(0.5, ge=0.0, description="scale of the votes (each in [0, 1]) added to the logits")
+    power: float = Field(
+        4.0,
+        ge=0.0,
+        description="a neighbour's vote weight is max(cosine, 0) ** power: nearer ones count more",
+    )
+
+
 class ModelConfig(Section):
     backbone: Literal["bow", "dense", "transformer"] = Field(
         "bow",
@@ -197,6 +214,7 @@ class ModelConfig(Section):
     )
     ffi: FFIConfig = Field(default_factory=FFIConfig)
     rp: RPConfig = Field(default_factory=RPConfig)
+    neighbours: NeighboursConfig = Field(default_factory=NeighboursConfig)
 
     @model_validator(mode="after")
     def _encoder_for_transformer(self) -> ModelConfig:

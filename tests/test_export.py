@@ -48,9 +48,17 @@ BASE = [
     "train.eval_every=0",
     "train.checkpoint_every=0",
 ]
+NEIGHBOURS_K = 4
 HEADS = {
     "dense": ["model.head=dense"],
-    "ffi": ["model.head=ffi", "model.ffi.hidden=64", "model.ffi.fan_in=8", "model.ffi.rewire_every=2"],
+    "ffi": [
+        "model.head=ffi",
+        "model.ffi.hidden=64",
+        "model.ffi.fan_in=8",
+        "model.ffi.rewire_every=2",
+        f"model.neighbours.k={NEIGHBOURS_K}",  # its scores add the training samples' votes
+        "model.neighbours.weight=3",  # large enough to change the top-k
+    ],
 }
 NUM_FEATURES = 300
 SHARDED = {"dense": {"weight", "bias"}, "ffi": {"sparse.values", "sparse.indices", "sparse.bias"}}
@@ -133,6 +141,14 @@ def work(tmp_path_factory) -> dict:
         d = root / head
         jobs.append((predict_cmd(d / "run", d / "p_run.jsonl"), d / "run_1"))
         jobs.append((predict_cmd(d / "model", d / "p_bundle.jsonl"), d / "bundle_1"))
+    d = root / "ffi"
+    jobs.append(([*predict_cmd(d / "run", d / "p_head.jsonl"), "--neighbours", "0"], d / "head_1"))
+    ensemble = [
+        *predict_cmd(root / "dense" / "run", d / "p_ensemble.jsonl", ranks=2),
+        "--checkpoint",
+        str(d / "run"),
+    ]
+    jobs.append((ensemble, d / "ensemble_2"))
     d = root / "dense"
     jobs.append((predict_cmd(d / "model", d / "p_bundle2.jsonl", ranks=2), d / "bundle_2"))
     save = "\nimport numpy as np\nnp.save('ids.npy', ids)\nnp.save('scores.npy', scores)\n"
@@ -167,6 +183,7 @@ def test_the_bundle_holds_the_merged_head_and_the_backbone(work, head):
     assert (doc["step"], doc["num_labels"], doc["head"], doc["backbone"]) == (4, 50, head, "bow")
     assert doc["source"] == str(checkpoint.resolve())
     assert {"backbone.pt", "head.pt", "config.json", "train/manifest.json"} <= set(doc["files"])
+    assert ("neighbours.pt" in doc["files"]) == (head == "ffi")
     assert not any(p.name.startswith(".") for p in model.parent.iterdir())  # no temporary folder left
     merged = torch.load(model / "head.pt", weights_only=True)
     shards = [torch.load(checkpoint / "head" / f"rank{r:05d}.pt", weights_only=False)["head"] for r in (0, 1)]
@@ -246,3 +263,60 @@ def test_export_errors_name_the_path_and_exit_2(work, tmp_path, capsys):
     assert err.startswith("export: ") and str(backbone) in err, err
     assert not out.exists()
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no temporary folder either
+
+
+def test_neighbour_votes_and_an_ensemble_equal_a_plain_reference(work):
+    """The FFI run's predictions (trainer, predict.py, bundle: equal above) are the head's logits plus
+    weight x the votes of the k nearest training samples, computed here from the definition in one
+    process from the bundle's weights; without them (`--neighbours 0`) the top-k is the head's own.
+    The ensemble of the dense run and the FFI run (predict.py on 2 ranks, labels split between them)
+    scores the sum of the dense head's logits and the FFI run's scores."""
+    root = work["root"] / "ffi"
+    model = bundle.load_bundle(root / "model")
+    dense = bundle.load_bundle(work["root"] / "dense" / "model")
+    settings = model.config.model.neighbours
+    assert (settings.k, settings.weight) == (NEIGHBOURS_K, 3.0) and model.neighbours is not None
+    assert dense.neighbours is None
+
+    def embed_all(split: str, model=model) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[int]]]:
+        ids, embeddings, labels = [], [], []
+        with torch.no_grad():
+            for batch in make_loader(work["root"] / "data" / split, 64, 0, 1, shuffle=False):
+                h = model.backbone(batch.feature_indices, batch.feature_offsets, batch.feature_weights)
+                for i in np.flatnonzero(batch.valid.numpy()):
+                    ids.append(int(batch.sample_ids[i]))
+                    embeddings.append(h[i].double())
+                    labels.append(
+                        batch.label_indices[batch.label_indptr[i] : batch.label_indptr[i + 1]].tolist()
+                    )
+        return ids, embeddings, labels
+
+    _, train_h, train_labels = embed_all("train")
+    keys = torch.nn.functional.normalize(torch.stack(train_h), dim=1)
+    test_ids, test_h, _ = embed_all("test")
+    dense_ids, dense_h, _ = embed_all("test", dense)
+    assert dense_ids == test_ids
+    with torch.no_grad():
+        logits = model.head(torch.stack(test_h).float()).double()
+        dense_logits = dense.head(torch.stack(dense_h).float()).double()
+    changed = 0
+    want_rows = {r["id"]: r for r in rows(root / "p_run.jsonl")}
+    head_rows = {r["id"]: r for r in rows(root / "p_head.jsonl")}
+    ensemble_rows = {r["id"]: r for r in rows(root / "p_ensemble.jsonl")}
+    assert len(ensemble_rows) == len(test_ids)
+    for sid, h, z, z_dense in zip(test_ids, test_h, logits, dense_logits, strict=True):
+        cos = keys @ (h / h.norm())
+        best = cos.argsort(descending=True)[:NEIGHBOURS_K]
+        w = cos[best].clamp(min=0) ** settings.power
+        w = w / w.sum()
+        votes = torch.zeros_like(z)
+        for j, wj in zip(best.tolist(), w.tolist(), strict=True):
+            votes[train_labels[j]] += wj
+        scores = z + settings.weight * votes
+        got = want_rows[sid]
+        assert np.allclose(got["scores"], scores.topk(5).values.numpy(), rtol=0, atol=1e-4), sid
+        assert np.allclose(head_rows[sid]["scores"], z.topk(5).values.numpy(), rtol=0, atol=1e-4), sid
+        changed += got["labels"] != head_rows[sid]["labels"]
+        both = (scores + z_dense).topk(5).values.numpy()
+        assert np.allclose(ensemble_rows[sid]["scores"], both, rtol=0, atol=1e-4), sid
+    assert changed > 0  # the votes do move the top-k

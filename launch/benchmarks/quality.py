@@ -164,11 +164,13 @@ def _launch(script: str, args: list[str], ranks: int, log: Path, timeout: int) -
     return time.perf_counter() - t0
 
 
-def _predict(run: Path, timeout: int) -> tuple[np.ndarray, float]:
-    """Top-5 of the run's test set, one process (the head is merged from its shards)."""
-    out = run / "test_top5.npy"
+def _predict(run: Path, timeout: int, neighbours: int | None = None) -> tuple[np.ndarray, float]:
+    """Top-5 of the run's test set, one process (the head is merged from its shards); `neighbours`
+    overrides the run's model.neighbours.k (0: the head alone)."""
+    out = run / ("test_top5.npy" if neighbours is None else f"test_top5_neighbours{neighbours}.npy")
     t0 = time.perf_counter()
     cmd = [sys.executable, str(ROOT / "launch" / "predict.py"), "--checkpoint", str(run), "--out", str(out)]
+    cmd += [] if neighbours is None else ["--neighbours", str(neighbours)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"predict on {run} failed: {proc.stderr[-3000:]}")
@@ -202,6 +204,9 @@ def train_ours(
     batch = json.loads((run / "config.json").read_text())["data"]["batch_size"]
     result = {"top_k": top, "train_s": train_s, "predict_s": predict_s, "samples": steps * batch * args.ranks}
     results = {name: result | {"run": run}}
+    if json.loads((run / "config.json").read_text())["model"]["neighbours"]["k"] > 0:
+        alone, predict_s = _predict(run, args.timeout, neighbours=0)  # what the votes add, same run
+        results[f"{name} head alone"] = result | {"top_k": alone, "predict_s": predict_s}
     if name == "rp":
         rec_s = _launch(
             "recover.py", ["--run", str(run)], args.ranks, out / "runs" / "recover.log", args.timeout
@@ -251,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
             top = r["top_k"] if to_bow is None else np.where(r["top_k"] >= 0, to_bow[r["top_k"]], -1)
             rows[name] = {**score(top), "train_s": r["train_s"], "predict_s": r["predict_s"]}
             rows[name]["samples_per_s"] = r["samples"] / r["train_s"]
-            if best_peer is not None and name in (*OURS, *TEXT):
+            if best_peer is not None and name in (*OURS, *TEXT):  # periodic evaluations: head alone
                 rows[name]["to_best_peer_p1_s"] = _time_to(r["run"], best_peer)
             print(f"{name}: P@1 {100 * rows[name]['P@1']:.2f} in {r['train_s']:.1f} s", flush=True)
 
@@ -268,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    head = f"{'system':>14} " + " ".join(f"{c:>7}" for c in COLUMNS)
+    head = f"{'system':>20} " + " ".join(f"{c:>7}" for c in COLUMNS)
     print(head + f" {'train s':>8} {'predict s':>9} {'samples/s':>9} {'to best P@1':>11}")
     for name, r in rows.items():
         cells = " ".join(f"{100 * r[c]:7.2f}" for c in COLUMNS)
@@ -276,7 +281,7 @@ def print_table(rows: dict[str, dict]) -> None:
         to = "never" if to is None else (f"{to:.0f}" if to != "" else "")
         sps = f"{r['samples_per_s']:9.0f}" if "samples_per_s" in r else " " * 9
         pred = f"{r['predict_s']:9.1f}" if "predict_s" in r else " " * 9
-        print(f"{name:>14} {cells} {r['train_s']:8.1f} {pred} {sps} {to:>11}")
+        print(f"{name:>20} {cells} {r['train_s']:8.1f} {pred} {sps} {to:>11}")
 
 
 def plot(rows: dict[str, dict], png: Path) -> None:

@@ -17,6 +17,8 @@ Layout of a bundle (`launch/export.py --checkpoint RUN --out model/`):
     train/         the training set's manifest.json, label_frequencies.npy and, when the set has a
                    vocabulary, label_names.txt, written by pipeline.data.manifest (no shards: the
                    manifest says what the model was trained on, the feature space and label priors)
+    neighbours.pt  when model.neighbours.k > 0: the training set's unit-length embeddings and labels
+                   (pipeline.models.neighbours), whose votes predict_topk and predict.py add
     encoder/       transformer backbones only: the model folder's tokenizer and architecture files
                    (config.json, tokenizer.json, vocab, ...), without its pretrained weights
 
@@ -45,16 +47,17 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, RunConfig, load_config, save_config
-from pipeline.data import LABEL_NAMES, Batch, read_label_names, read_manifest, write_label_names
+from pipeline.data import LABEL_NAMES, Batch, make_loader, read_label_names, read_manifest, write_label_names
 from pipeline.data.manifest import write_manifest
 from pipeline.data.tokenizer import TextTokenizer, TokenizerError
 from pipeline.hf_folder import ModelFolderError, resolve_model_folder
 from pipeline.models.build import build_backbone, build_head, build_tokenizer, head_label_range
+from pipeline.models.neighbours import NeighbourIndex, NeighbourVotes, build_index
 from pipeline.models.text_encoder import TransformerBackbone
 from pipeline.parallel.grid import Layout, ProcessGrid
 from pipeline.parallel.label_range import LabelRange
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.evaluate import predict
+from pipeline.train.evaluate import Member, predict
 
 FORMAT = "xmc-bundle"
 FORMAT_VERSION = 1
@@ -64,6 +67,7 @@ BACKBONE = "backbone.pt"
 HEAD = "head.pt"
 TRAIN = "train"
 ENCODER = "encoder"
+NEIGHBOURS = "neighbours.pt"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf"}
 """Files of a Hugging Face folder that hold weights: not copied into `encoder/`."""
 
@@ -128,6 +132,14 @@ def _copy_encoder_files(model: ModelConfig, folder: Path) -> None:
         raise BundleError(f"{source}: its tokenizer does not load from the copied files: {e}") from e
 
 
+def _training_index(checkpoint: Path, config: RunConfig) -> NeighbourIndex:
+    """The neighbour index of the checkpoint's model over its training shards, in this process."""
+    model = ckpt.load_for_inference(checkpoint, ONE_PROCESS)
+    batch_size = config.data.batch_size
+    batches = make_loader(config.data.train, batch_size, 0, 1, shuffle=False, tokenizer=model.tokenizer)
+    return build_index(model.backbone, batches, ONE_PROCESS, batch_size)
+
+
 def _write_into(folder: Path, checkpoint: Path, config: RunConfig, meta: dict[str, Any]) -> None:
     manifest = read_manifest(config.data.train)
     if manifest.num_labels != meta["num_labels"]:
@@ -150,6 +162,8 @@ def _write_into(folder: Path, checkpoint: Path, config: RunConfig, meta: dict[st
     write_manifest(folder / TRAIN, replace(manifest, label_names_file=None if names is None else LABEL_NAMES))
     if config.model.backbone == "transformer":
         _copy_encoder_files(config.model, folder / ENCODER)
+    if config.model.neighbours.k > 0:
+        _training_index(checkpoint, config).save(folder / NEIGHBOURS)
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     doc = {
@@ -266,8 +280,12 @@ def load_bundle(
     backbone.to(device).eval()
     head.to(device).eval()
     tokenizer = build_tokenizer(config.model)
+    n = config.model.neighbours
+    votes = None
+    if n.k > 0 and (path / NEIGHBOURS).is_file():
+        votes = NeighbourVotes(NeighbourIndex.load(path / NEIGHBOURS), n.k, n.weight, n.power)
     return ckpt.InferenceModel(
-        config, doc["meta"], manifest, backbone, head, label_range, path, {"head": state}, tokenizer
+        config, doc["meta"], manifest, backbone, head, label_range, path, {"head": state}, tokenizer, votes
     )
 
 
@@ -356,14 +374,9 @@ def predict_topk(
             f"{model.label_range.num_labels}: predict_topk needs all (load_bundle(path) without a grid)"
         )
     batch_size = batch_size or model.config.data.batch_size
+    member = Member(model.backbone, model.head, model.neighbours)
     out = predict(
-        model.backbone,
-        model.head,
-        _batches(model, inputs, batch_size),
-        ONE_PROCESS,
-        model.label_range,
-        batch_size,
-        k,
+        [member], _batches(model, inputs, batch_size), ONE_PROCESS, model.label_range, batch_size, k
     )
     ids, scores = [], []
     for _, top_scores, top_ids in out:

@@ -56,6 +56,7 @@ from pipeline.models.build import (
     head_label_range,
     sharded_state_keys,
 )
+from pipeline.models.neighbours import NeighbourVotes
 from pipeline.models.sparse_bag import SparseBag
 from pipeline.parallel.grid import ProcessGrid
 from pipeline.parallel.label_range import LabelRange
@@ -480,6 +481,7 @@ class InferenceModel:
     checkpoint: Path
     shard: dict[str, Any]
     tokenizer: TextTokenizer | None  # the loader's tokenizer for text shards and raw text
+    neighbours: NeighbourVotes | None = None  # the training set's votes (a bundle's; predict.py builds them)
 
 
 def load_for_inference(

@@ -48,6 +48,7 @@ from pipeline.models.group_batch import GroupBatch, group_batch
 from pipeline.models.heads.loss import head_loss
 from pipeline.models.heads.prior import set_prior_bias
 from pipeline.models.label_clusters import LabelOrder, balanced_order, label_centroids
+from pipeline.models.neighbours import NeighbourVotes, neighbour_votes
 from pipeline.models.sparse_bag import SparseBag
 from pipeline.parallel.distributed import collective_device
 from pipeline.parallel.gradient_exchange import GradientExchange
@@ -399,7 +400,9 @@ class Trainer:
 
     # ----- evaluation -----------------------------------------------------------------------------
 
-    def evaluate(self, source: str | None = None) -> dict[str, float]:
+    def evaluate(
+        self, source: str | None = None, neighbours: NeighbourVotes | None = None
+    ) -> dict[str, float]:
         """Full metric set over a shard set (the test set by default)."""
         batches = self.loader(source or self.config.data.test, 0, train=False)
         return evaluate(
@@ -410,6 +413,15 @@ class Trainer:
             self.label_range,
             self.config.data.batch_size,
             self.new_metrics(),
+            neighbours,
+        )
+
+    def neighbour_votes(self) -> NeighbourVotes | None:
+        """The training set's votes of `model.neighbours` for the model as it is now (None: k = 0)."""
+        batches = self.loader(self.config.data.train, 0, train=False)
+        cfg = self.config
+        return neighbour_votes(
+            cfg.model.neighbours, self.engine.module, batches, self.grid, cfg.data.batch_size
         )
 
     def new_metrics(self) -> XMCMetrics:
@@ -550,8 +562,12 @@ class Trainer:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 saved = (step, self.save())
         bar.close()
-        final = self.evaluate()
-        self.logbook.log("eval", self.position.step, final | {"train_s": self.position.train_seconds})
+        final = self.evaluate(neighbours=self.neighbour_votes())
+        record = final | {
+            "train_s": self.position.train_seconds,
+            "neighbours": self.config.model.neighbours.k,
+        }
+        self.logbook.log("eval", self.position.step, record)
         self.save()
         return final
 
