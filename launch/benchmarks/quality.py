@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text-set", action="append", default=[], metavar="KEY=VALUE", help="for text-*")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks of our training jobs")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also score the dense head as an ensemble of N runs (train.seed 0..N-1): row 'dense xN'",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the peers")
     parser.add_argument("--propensity-a", type=float, default=0.55)
     parser.add_argument("--propensity-b", type=float, default=1.5)
@@ -164,13 +171,18 @@ def _launch(script: str, args: list[str], ranks: int, log: Path, timeout: int) -
     return time.perf_counter() - t0
 
 
-def _predict(run: Path, timeout: int, neighbours: int | None = None) -> tuple[np.ndarray, float]:
+def _predict(
+    run: Path, timeout: int, neighbours: int | None = None, others: tuple[Path, ...] = ()
+) -> tuple[np.ndarray, float]:
     """Top-5 of the run's test set, one process (the head is merged from its shards); `neighbours`
-    overrides the run's model.neighbours.k (0: the head alone)."""
-    out = run / ("test_top5.npy" if neighbours is None else f"test_top5_neighbours{neighbours}.npy")
+    overrides the run's model.neighbours.k (0: the head alone); `others`: ensemble members."""
+    name = "test_top5" if neighbours is None else f"test_top5_neighbours{neighbours}"
+    out = run / f"{name}{f'_ensemble{1 + len(others)}' if others else ''}.npy"
     t0 = time.perf_counter()
     cmd = [sys.executable, str(ROOT / "launch" / "predict.py"), "--checkpoint", str(run), "--out", str(out)]
     cmd += [] if neighbours is None else ["--neighbours", str(neighbours)]
+    for other in others:
+        cmd += ["--checkpoint", str(other)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"predict on {run} failed: {proc.stderr[-3000:]}")
@@ -186,18 +198,25 @@ def _time_to(run: Path, p_at_1: float) -> float | None:
 
 
 def train_ours(
-    name: str, folders: dict[str, Path], args: argparse.Namespace, out: Path, config: str, extra: list[str]
+    name: str,
+    folders: dict[str, Path],
+    args: argparse.Namespace,
+    out: Path,
+    config: str,
+    extra: list[str],
+    run_name: str | None = None,
 ) -> dict:
-    """Train system `name` (a head, or text-<head>) with `config` + `extra`, predict its test top-5."""
+    """Train system `name` (a head, or text-<head>) with `config` + `extra` into runs/`run_name`
+    (default: `name`), predict its test top-5."""
     head = name.removeprefix("text-")
-    run = out / "runs" / name
+    run = out / "runs" / (run_name or name)
     sets = [f"model.head={head}", f"data.train={folders['train']}", f"data.test={folders['test']}"]
     sets += [f"train.output_dir={run}", *extra]
     train_args = ["--config", config]
     for s in sets:
         train_args += ["--set", s]
     run.mkdir(parents=True, exist_ok=True)
-    train_s = _launch("train.py", train_args, args.ranks, out / "runs" / f"{name}.log", args.timeout)
+    train_s = _launch("train.py", train_args, args.ranks, out / "runs" / f"{run.name}.log", args.timeout)
     top, predict_s = _predict(run, args.timeout)
     records = read_records(run / "metrics.jsonl")
     steps = max(r["step"] for r in records)
@@ -260,6 +279,9 @@ def run(args: argparse.Namespace) -> dict:
                 rows[name]["to_best_peer_p1_s"] = _time_to(r["run"], best_peer)
             print(f"{name}: P@1 {100 * rows[name]['P@1']:.2f} in {r['train_s']:.1f} s", flush=True)
 
+    if args.ensemble > 1 and "dense" in rows:
+        rows[f"dense x{args.ensemble}"] = train_ensemble(rows["dense"], folders, args, out, score)
+
     print_table(rows)
     plot(rows, out / "quality.png")
     result = {
@@ -270,6 +292,22 @@ def run(args: argparse.Namespace) -> dict:
     }
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def train_ensemble(first: dict, folders: dict[str, Path], args: argparse.Namespace, out: Path, score) -> dict:
+    """The dense head as an ensemble: `args.ensemble - 1` more runs of it with train.seed 1, 2, ...,
+    scored together with the first (runs/dense); train s and samples are the members' sums."""
+    members, train_s, samples = [], first["train_s"], first["samples_per_s"] * first["train_s"]
+    for seed in range(1, args.ensemble):
+        extra = [*args.set, f"train.seed={seed}"]
+        r = train_ours("dense", folders, args, out, args.config, extra, run_name=f"dense_seed{seed}")["dense"]
+        members.append(r["run"])
+        train_s, samples = train_s + r["train_s"], samples + r["samples"]
+        print(
+            f"dense seed {seed}: P@1 {100 * score(r['top_k'])['P@1']:.2f} in {r['train_s']:.1f} s", flush=True
+        )
+    top, predict_s = _predict(out / "runs" / "dense", args.timeout, others=tuple(members))
+    return {**score(top), "train_s": train_s, "predict_s": predict_s, "samples_per_s": samples / train_s}
 
 
 def print_table(rows: dict[str, dict]) -> None:

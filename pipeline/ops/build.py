@@ -1,12 +1,14 @@
 """Builds and loads the C++/CUDA extension behind `torch.ops.xmc.*`, once per process.
 
 Compiled with torch.utils.cpp_extension (ninja) on first use and cached in a folder keyed by a hash of
-the sources, flags, torch version and CUDA arch, so edits rebuild and a cache copied to another
-machine is never reused for the wrong build. No -march=native: the innermost CPU loops carry their
-own AVX-512 / AVX2 / baseline clones. With a visible GPU and `csrc/ffi_cuda.cu` present, the CUDA
-kernels are compiled in too (`-DXMC_WITH_CUDA`); the group-shared CUDA kernels (`ffi_group_cuda.cu`
-with its header) join them where both files exist (`-DXMC_WITH_GROUP_CUDA`), so a checkout without them
-still builds (its group ops then run on CPU tensors only).
+the sources, their folder, flags, torch version and CUDA arch, so edits rebuild and a cache copied to
+another machine is never reused for the wrong build. Processes that start together build once: the
+others wait on a lock that dies with its holder, so a build killed mid-way is redone, never waited for.
+No -march=native: the innermost CPU loops carry their own AVX-512 / AVX2 / baseline clones. With a
+visible GPU and `csrc/ffi_cuda.cu` present, the CUDA kernels are compiled in too (`-DXMC_WITH_CUDA`);
+the group-shared CUDA kernels (`ffi_group_cuda.cu` with its header) join them where both files exist
+(`-DXMC_WITH_GROUP_CUDA`), so a checkout without them still builds (its group ops then run on CPU
+tensors only).
 
 Environment variables of the extension, all optional (this is the one list of them):
 
@@ -29,6 +31,7 @@ benchmarks and the GPU check compare the variants); the defaults are the measure
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -59,7 +62,7 @@ HEADERS = (
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
 
-_loaded = False
+_loaded: Path | None = None  # the build folder of the extension this process loaded
 
 
 def cache_root() -> Path:
@@ -121,7 +124,7 @@ def _check_toolchain() -> None:
 def load_ops() -> None:
     """Compile (if not cached) and load the extension; afterwards `torch.ops.xmc.ffi_*` exist."""
     global _loaded
-    if _loaded:
+    if _loaded is not None:
         return
     _check_toolchain()
     from torch.utils.cpp_extension import load
@@ -134,20 +137,33 @@ def load_ops() -> None:
     digest = hashlib.sha256()
     for path in sources + [CSRC / h for h in HEADERS if (CSRC / h).exists()]:
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(repr((cflags, cuda_flags, LDFLAGS, torch.__version__)).encode())
+    # the checkout's path too: ninja's build file names the sources by path, so two checkouts sharing
+    # a folder would rebuild it in turn
+    digest.update(repr((str(CSRC), cflags, cuda_flags, LDFLAGS, torch.__version__)).encode())
     name = f"xmc_ffi_{'cuda' if with_cuda else 'cpu'}_{digest.hexdigest()[:16]}"
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    load(
-        name=name,
-        sources=[str(s) for s in sources],
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags + defines,
-        extra_ldflags=LDFLAGS,
-        extra_include_paths=[str(CSRC)],
-        build_directory=str(build_dir),
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=os.environ.get("XMC_BUILD_VERBOSE", "0") == "1",
-    )
-    _loaded = True
+    with open(build_dir / "build.flock", "w") as guard:
+        # One builder at a time, under a lock the kernel releases when its holder dies. torch's own
+        # lock is a file that a builder killed mid-way (a scheduler's kill, Ctrl-C, a lost host)
+        # leaves behind, and every later process would wait for it forever; under ours it is stale.
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=cflags,
+            extra_cuda_cflags=cuda_flags + defines,
+            extra_ldflags=LDFLAGS,
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=os.environ.get("XMC_BUILD_VERBOSE", "0") == "1",
+        )
+    _loaded = build_dir
+
+
+def build_folder() -> Path | None:
+    """The cache folder the loaded extension was built in (None before `load_ops`)."""
+    return _loaded
