@@ -2,13 +2,17 @@
 
     python launch/bench.py quality --data FOLDER [--systems omikuji,pecos,napkinxc,dense,ffi,rp]
                                    [--config configs/xmc_bow.json] [--set key=value ...] [--ranks 2]
+                                   [--ensemble N]
 
 FOLDER holds `train.txt` and `test.txt` in the Extreme Classification Repository's BoW format (e.g.
 what `launch/make_debian_xmc.py` writes). Peers (`launch/benchmarks/peers.py`: Omikuji, PECOS
 XR-Linear, napkinXC) train on the text files with their defaults and all threads; our heads train
 under the DeepSpeed launcher on `--ranks` CPU ranks from shards converted once into `OUT/shards`,
 with `--config` plus `model.head=<head>`, then `launch/predict.py` writes their top-k; `rp` also
-runs `launch/recover.py` and scores the recovered dense head as `rp+recovered`. Every system is
+runs `launch/recover.py` and scores the recovered dense head as `rp+recovered`. A run whose config
+adds neighbour votes (`model.neighbours.k > 0`) is also scored by its head alone (`<head> head
+alone`, same training); `--ensemble N` trains the dense head N - 1 more times (`train.seed` 1, 2, ...)
+and scores the N runs as one ensemble (`dense xN`; train s and samples are the sums). Every system is
 scored by the same code (`pipeline.train.metrics.XMCMetrics`, propensities A, B as given) from its
 top-k on the whole test set, next to the popularity baseline.
 
