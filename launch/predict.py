@@ -183,6 +183,10 @@ def votes_for(
     head alone."""
     settings = model.config.model.neighbours
     if args.neighbours is not None:
+        if args.neighbours < 0:
+            raise SystemExit(
+                f"predict: --neighbours {args.neighbours}: expected a k >= 0 (0: the head alone)"
+            )
         settings = settings.model_copy(update={"k": args.neighbours})
     if settings.k == 0:
         return None

@@ -320,3 +320,16 @@ def test_neighbour_votes_and_an_ensemble_equal_a_plain_reference(work):
         both = (scores + z_dense).topk(5).values.numpy()
         assert np.allclose(ensemble_rows[sid]["scores"], both, rtol=0, atol=1e-4), sid
     assert changed > 0  # the votes do move the top-k
+
+
+def test_a_negative_neighbour_count_is_refused(work):
+    proc = subprocess.run(
+        [*predict_cmd(work["root"] / "ffi" / "run", work["root"] / "bad.jsonl"), "--neighbours", "-1"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "predict: --neighbours -1: expected a k >= 0" in proc.stderr, proc.stderr[-2000:]
+    assert not (work["root"] / "bad.jsonl").exists()

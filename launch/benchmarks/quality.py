@@ -298,7 +298,9 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def train_ensemble(first: dict, folders: dict[str, Path], args: argparse.Namespace, out: Path, score) -> dict:
+def train_ensemble(
+    first: dict, folders: dict[str, Path], args: argparse.Namespace, out: Path, score: Scorer
+) -> dict:
     """The dense head as an ensemble: `args.ensemble - 1` more runs of it with train.seed 1, 2, ...,
     scored together with the first (runs/dense); train s and samples are the members' sums."""
     members, train_s, samples = [], first["train_s"], first["samples_per_s"] * first["train_s"]
